@@ -1,0 +1,57 @@
+#include "checks.h"
+
+namespace fused_moe {
+
+std::string shape_str(const Tensor& t) {
+  std::ostringstream s;
+  s << "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  s << "]";
+  return s.str();
+}
+
+void Arg::dtype_in(std::initializer_list<ScalarType> allowed) const {
+  for (ScalarType a : allowed)
+    if (t.scalar_type() == a) return;
+  std::ostringstream want;
+  int i = 0;
+  for (ScalarType a : allowed) want << (i++ ? " or " : "") << torch::headeronly::toString(a);
+  fail(op, ": ", name, " must be ", want.str(), ", got ",
+       torch::headeronly::toString(t.scalar_type()));
+}
+
+void Arg::shape_is(std::initializer_list<int64_t> sizes) const {
+  bool ok = t.dim() == static_cast<int64_t>(sizes.size());
+  int64_t i = 0;
+  for (int64_t s : sizes) {
+    if (ok && s >= 0 && t.size(i) != s) ok = false;
+    ++i;
+  }
+  if (ok) return;
+  std::ostringstream want;
+  want << "[";
+  i = 0;
+  for (int64_t s : sizes) {
+    want << (i++ ? ", " : "");
+    if (s >= 0) want << s; else want << "*";
+  }
+  want << "]";
+  fail(op, ": ", name, " must have shape ", want.str(), ", got ", shape_str(t));
+}
+
+void Arg::contiguous() const {
+  FUSED_MOE_CHECK(t.is_contiguous(), op, ": ", name,
+                  " must be contiguous (call .contiguous()), got strides of a tensor of shape ",
+                  shape_str(t));
+}
+
+void Arg::same_device(const Tensor& ref, const char* ref_name) const {
+  const bool same = t.is_cuda() == ref.is_cuda() &&
+                    (!t.is_cuda() || t.get_device_index() == ref.get_device_index());
+  FUSED_MOE_CHECK(same, op, ": ", name, " must be on the device of ", ref_name, " (",
+                  ref.is_cuda() ? "cuda:" + std::to_string(ref.get_device_index()) : "cpu",
+                  "), got ",
+                  t.is_cuda() ? "cuda:" + std::to_string(t.get_device_index()) : "cpu");
+}
+
+}  // namespace fused_moe

@@ -1,0 +1,47 @@
+// Input checks shared by every op: each failure names the op, the argument,
+// what it got and what was expected, and raises RuntimeError in Python.
+#pragma once
+
+#include <initializer_list>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include <torch/csrc/stable/tensor.h>
+
+#include "kernels.h"
+
+namespace fused_moe {
+
+using torch::stable::Tensor;
+
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream s;
+  (s << ... << args);
+  throw std::runtime_error(s.str());
+}
+
+#define FUSED_MOE_CHECK(cond, ...) \
+  do {                             \
+    if (!(cond)) ::fused_moe::fail(__VA_ARGS__); \
+  } while (0)
+
+std::string shape_str(const Tensor& t);
+
+// One argument of one op, for messages like
+// "fused_moe.permute: topk_ids must be int32, got Float".
+struct Arg {
+  const char* op;
+  const char* name;
+  const Tensor& t;
+
+  void dtype_in(std::initializer_list<ScalarType> allowed) const;
+  void dtype_is(ScalarType expected) const { dtype_in({expected}); }
+  // sizes[i] < 0 accepts any size in that dimension.
+  void shape_is(std::initializer_list<int64_t> sizes) const;
+  void contiguous() const;
+  void same_device(const Tensor& ref, const char* ref_name) const;
+};
+
+}  // namespace fused_moe

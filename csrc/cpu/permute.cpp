@@ -1,0 +1,84 @@
+// Token permute (gather rows into expert order) and weighted unpermute on the CPU.
+#include <cstring>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace fused_moe::cpu {
+namespace {
+
+// Local expert of a global id, -1 when the slot is not computed here.
+int local_expert(const PermuteParams& p, int32_t id) {
+  if (id < 0 || id >= p.num_experts) return -1;
+  return p.expert_map ? p.expert_map[id] : id;
+}
+
+template <typename T>
+void copy_row(const T* src, T* dst, int64_t h, const float* scale) {
+  if (scale == nullptr) {
+    std::memcpy(dst, src, h * sizeof(T));
+    return;
+  }
+  for (int64_t i = 0; i < h; ++i) dst[i] = static_cast<T>(static_cast<float>(src[i]) * *scale);
+}
+
+}  // namespace
+
+void permute(const PermuteParams& p) {
+  const int64_t slots = p.num_tokens * p.topk;
+  std::vector<int32_t> count(p.num_local_experts + 1, 0);
+  for (int64_t s = 0; s < slots; ++s) {
+    const int e = local_expert(p, p.topk_ids[s]);
+    if (e >= 0) ++count[e + 1];
+  }
+  p.expert_offsets[0] = 0;
+  for (int e = 0; e < p.num_local_experts; ++e)
+    p.expert_offsets[e + 1] = p.expert_offsets[e] + count[e + 1];
+
+  // Slots in index order keep their order within each expert: a stable sort.
+  std::vector<int32_t> next(p.expert_offsets, p.expert_offsets + p.num_local_experts);
+  for (int64_t s = 0; s < slots; ++s) {
+    const int e = local_expert(p, p.topk_ids[s]);
+    p.inv_index[s] = e >= 0 ? next[e]++ : -1;
+  }
+  dispatch_float(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(p.x);
+    T* out = static_cast<T*>(p.out);
+    const int64_t h = p.hidden;
+    parallel_rows(slots, 256, [&](int64_t b, int64_t end) {
+      for (int64_t s = b; s < end; ++s) {
+        if (p.inv_index[s] < 0) continue;
+        const float* scale = p.row_weights ? p.row_weights + s : nullptr;
+        copy_row(x + (s / p.topk) * h, out + p.inv_index[s] * h, h, scale);
+      }
+    });
+    const int64_t used = p.expert_offsets[p.num_local_experts];
+    std::fill(out + used * h, out + slots * h, T(0.0f));
+  });
+}
+
+void unpermute(const UnpermuteParams& p) {
+  dispatch_float(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* y = static_cast<const T*>(p.y);
+    T* out = static_cast<T*>(p.out);
+    const int64_t h = p.hidden;
+    parallel_rows(p.num_tokens, 16, [&](int64_t b, int64_t end) {
+      std::vector<float> acc(h);
+      for (int64_t t = b; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int k = 0; k < p.topk; ++k) {
+          const int32_t row = p.inv_index[t * p.topk + k];
+          if (row < 0) continue;
+          const float w = p.weights ? p.weights[t * p.topk + k] : 1.0f;
+          const T* src = y + int64_t(row) * h;
+          for (int64_t i = 0; i < h; ++i) acc[i] += w * static_cast<float>(src[i]);
+        }
+        for (int64_t i = 0; i < h; ++i) out[t * h + i] = static_cast<T>(acc[i]);
+      }
+    });
+  });
+}
+
+}  // namespace fused_moe::cpu

@@ -1,0 +1,23 @@
+// CUDA implementations of the functions in ../kernels.h. Each launches on
+// `stream`, never synchronises with the host, and takes its scratch memory
+// from `workspace` (at least *_workspace_bytes(p) bytes, 256-byte aligned,
+// allocated by the caller from PyTorch's caching allocator).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+namespace fused_moe::cuda {
+
+void topk(const TopkParams& p, cudaStream_t stream);
+
+size_t permute_workspace_bytes(const PermuteParams& p);
+void permute(const PermuteParams& p, void* workspace, cudaStream_t stream);
+
+void activation(const ActivationParams& p, cudaStream_t stream);
+
+void unpermute(const UnpermuteParams& p, cudaStream_t stream);
+
+size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p);
+void grouped_gemm(const GroupedGemmParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace fused_moe::cuda

@@ -1,0 +1,106 @@
+// The kernels behind every op, as plain functions over raw pointers.
+//
+// ops.cpp checks the tensors, allocates the outputs and fills one of these
+// parameter structs; cpu/ and cuda/ implement the same functions. Every
+// tensor is contiguous and row-major; shapes are in the comments.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <torch/headeronly/core/ScalarType.h>
+
+namespace fused_moe {
+
+using torch::headeronly::ScalarType;
+
+enum class Scoring : int { kSoftmax = 0, kSigmoid = 1 };
+
+enum class Activation : int { kSilu = 0, kGelu, kGeluTanh, kRelu2, kSwigluOai };
+
+// swigluoai constants (gpt-oss): out = (clamp(up, -L, L) + 1) * g * sigmoid(A * g),
+// g = min(gate, L).
+constexpr float kSwigluAlpha = 1.702f;
+constexpr float kSwigluLimit = 7.0f;
+
+struct TopkParams {
+  const void* logits = nullptr;  // [M, E], logits_dtype
+  ScalarType logits_dtype = ScalarType::Float;
+  const float* bias = nullptr;   // [E] or null: added for selection only
+  float* weights = nullptr;      // [M, K] out
+  int32_t* ids = nullptr;        // [M, K] out, best first, ties to the lower id
+  int64_t num_tokens = 0;        // M
+  int num_experts = 0;           // E
+  int topk = 0;                  // K
+  Scoring scoring = Scoring::kSoftmax;
+  bool renormalize = true;
+  int num_groups = 0;            // 0: no grouped top-k; else divides E
+  int topk_group = 0;            // groups kept when num_groups > 0
+  float routed_scaling_factor = 1.0f;
+};
+
+struct PermuteParams {
+  const void* x = nullptr;             // [M, H] tokens
+  ScalarType dtype = ScalarType::Float;
+  const int32_t* topk_ids = nullptr;   // [M, K] global expert ids
+  const int32_t* expert_map = nullptr; // [E_global] global -> local id or -1; null: identity
+  const float* row_weights = nullptr;  // [M, K] or null: each gathered row is scaled by it
+  void* out = nullptr;                 // [M*K, H]: local slots sorted by (local expert, t*K+k),
+                                       // then zero rows for the non-local slots
+  int32_t* expert_offsets = nullptr;   // [E_local + 1]: rows of expert e are [off[e], off[e+1])
+  int32_t* inv_index = nullptr;        // [M, K]: row of slot (t, k) in out, -1 if not local
+  int64_t num_tokens = 0;              // M
+  int64_t hidden = 0;                  // H
+  int topk = 0;                        // K
+  int num_experts = 0;                 // E_global: ids outside [0, E_global) are not local
+  int num_local_experts = 0;           // E_local
+};
+
+struct GroupedGemmParams {
+  const void* a = nullptr;               // [R, K] rows sorted by expert
+  ScalarType dtype = ScalarType::Float;  // of a, w, bias and out
+  const void* w = nullptr;               // [E, N, K]
+  const void* bias = nullptr;            // [E, N] or null
+  const int32_t* expert_offsets = nullptr;  // [E + 1], off[0] = 0, off[E] <= R
+  void* out = nullptr;                   // [R, N]: out[r] = w[e] a[r] + bias[e]; rows >= off[E] are 0
+  int64_t rows = 0;                      // R
+  int64_t n = 0;                         // N
+  int64_t k = 0;                         // K
+  int num_experts = 0;                   // E
+};
+
+struct ActivationParams {
+  const void* x = nullptr;   // [R, 2I] when gated, else [R, I]
+  ScalarType dtype = ScalarType::Float;
+  void* out = nullptr;       // [R, I]
+  int64_t rows = 0;          // R
+  int64_t inter = 0;         // I
+  Activation act = Activation::kSilu;
+  bool gated = true;         // act(gate) * up; gate = x[:, :I], up = x[:, I:]
+                             // (swigluoai: gate = x[:, 0::2], up = x[:, 1::2])
+};
+
+struct UnpermuteParams {
+  const void* y = nullptr;            // [R, H] expert outputs in permuted order
+  ScalarType dtype = ScalarType::Float;
+  const int32_t* inv_index = nullptr; // [M, K], -1: slot contributes nothing
+  const float* weights = nullptr;     // [M, K] or null: unit weights
+  void* out = nullptr;                // [M, H]: sum over k in order 0..K-1, fp32 accumulate
+  int64_t num_tokens = 0;             // M
+  int64_t hidden = 0;                 // H
+  int topk = 0;                       // K
+};
+
+namespace cpu {
+void topk(const TopkParams& p);
+void permute(const PermuteParams& p);
+void grouped_gemm(const GroupedGemmParams& p);
+void activation(const ActivationParams& p);
+void unpermute(const UnpermuteParams& p);
+}  // namespace cpu
+
+}  // namespace fused_moe
+
+#ifdef FUSED_MOE_WITH_CUDA
+#include "cuda/kernels.h"
+#endif

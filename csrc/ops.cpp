@@ -1,0 +1,382 @@
+// Every op's entry point: check the inputs, allocate the outputs, fill the
+// kernel parameters and run the CPU or CUDA kernel of the inputs' device.
+#include "ops.h"
+
+#include <vector>
+
+#include <torch/csrc/stable/ops.h>
+
+#include "checks.h"
+#include "kernels.h"
+
+#ifdef FUSED_MOE_WITH_CUDA
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#endif
+
+namespace fused_moe {
+namespace {
+
+using torch::headeronly::ScalarType;
+constexpr auto kFloats = {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half};
+
+Tensor alloc(const Tensor& like, std::vector<int64_t> sizes, ScalarType dtype) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
+}
+
+Tensor alloc(const Tensor& like, std::vector<int64_t> sizes) {
+  return alloc(like, std::move(sizes), like.scalar_type());
+}
+
+template <typename T>
+T* ptr(const Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+
+template <typename T>
+T* ptr(const OptTensor& t) { return t ? static_cast<T*>(t->data_ptr()) : nullptr; }
+
+#ifdef FUSED_MOE_WITH_CUDA
+// Scratch memory from PyTorch's caching allocator, so CUDA graphs capture it.
+Tensor workspace(const Tensor& like, size_t bytes) {
+  return alloc(like, {static_cast<int64_t>(bytes)}, ScalarType::Byte);
+}
+
+// Runs the CUDA body on `t`'s device and current stream.
+#define FUSED_MOE_CUDA(...) [&]() {                                              \
+    torch::stable::accelerator::DeviceGuard guard(t.get_device_index());         \
+    void* stream_ptr = nullptr;                                                  \
+    aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream_ptr);       \
+    [[maybe_unused]] cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr); \
+    __VA_ARGS__;                                                                 \
+  }
+#else
+#define FUSED_MOE_CUDA(...) [&]() {                                              \
+    fail(op, ": this build of fused_moe has no CUDA kernels (built without nvcc "  \
+         "or with FUSED_MOE_CUDA=0); move the inputs to the CPU or rebuild");    \
+  }
+#endif
+
+// Runs `cpu()` or `cuda()` by the device of t.
+template <typename Cpu, typename Cuda>
+void run(const Tensor& t, Cpu cpu, Cuda cuda) {
+  if (t.is_cuda()) cuda(); else cpu();
+}
+
+Scoring parse_scoring(const char* op, const std::string& s) {
+  if (s == "softmax") return Scoring::kSoftmax;
+  if (s == "sigmoid") return Scoring::kSigmoid;
+  fail(op, ": scoring_func must be 'softmax' or 'sigmoid', got '", s, "'");
+}
+
+Activation parse_activation(const char* op, const std::string& s, bool gated) {
+  Activation a;
+  if (s == "silu") a = Activation::kSilu;
+  else if (s == "gelu") a = Activation::kGelu;
+  else if (s == "gelu_tanh") a = Activation::kGeluTanh;
+  else if (s == "relu2") a = Activation::kRelu2;
+  else if (s == "swigluoai") a = Activation::kSwigluOai;
+  else fail(op, ": activation must be one of silu, gelu, gelu_tanh, relu2, swigluoai, got '", s, "'");
+  FUSED_MOE_CHECK(gated || a != Activation::kSwigluOai, op,
+                  ": activation 'swigluoai' needs is_act_and_mul=True (it is gated)");
+  return a;
+}
+
+// Ids are checked on the CPU only: on the GPU it would cost a host sync, so the
+// CUDA kernels treat an out-of-range id as a slot on another rank instead.
+void check_ids_in_range(const char* op, const Tensor& ids, int64_t num_experts) {
+  if (ids.is_cuda()) return;
+  const int32_t* p = ptr<int32_t>(ids);
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    FUSED_MOE_CHECK(p[i] >= 0 && p[i] < num_experts, op, ": topk_ids must be in [0, ",
+                    num_experts, "), got ", p[i], " at flat index ", i);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> topk(const Tensor& gating_output, int64_t topk, bool renormalize,
+                                std::string scoring_func, OptTensor bias,
+                                int64_t num_expert_group, int64_t topk_group,
+                                double routed_scaling_factor) {
+  const char* op = "fused_moe.topk";
+  const Tensor& t = gating_output;
+  Arg{op, "gating_output", t}.dtype_in({ScalarType::Float, ScalarType::BFloat16,
+                                         ScalarType::Half, ScalarType::Double});
+  Arg{op, "gating_output", t}.shape_is({-1, -1});
+  Arg{op, "gating_output", t}.contiguous();
+  const int64_t m = t.size(0), e = t.size(1);
+  FUSED_MOE_CHECK(e >= 1, op, ": gating_output must have at least one expert column, got shape ",
+                  shape_str(t));
+  FUSED_MOE_CHECK(topk >= 1 && topk <= e, op, ": topk must be in [1, num_experts=", e,
+                  "], got ", topk);
+  if (bias) {
+    Arg b{op, "e_score_correction_bias", *bias};
+    b.dtype_is(ScalarType::Float);
+    b.shape_is({e});
+    b.contiguous();
+    b.same_device(t, "gating_output");
+  }
+  if (num_expert_group > 0) {
+    FUSED_MOE_CHECK(e % num_expert_group == 0, op, ": num_expert_group=", num_expert_group,
+                    " must divide num_experts=", e);
+    FUSED_MOE_CHECK(topk_group >= 1 && topk_group <= num_expert_group, op,
+                    ": topk_group must be in [1, num_expert_group=", num_expert_group,
+                    "], got ", topk_group);
+    FUSED_MOE_CHECK(topk <= topk_group * (e / num_expert_group), op, ": topk=", topk,
+                    " exceeds the experts in the kept groups (topk_group * num_experts / "
+                    "num_expert_group = ", topk_group * (e / num_expert_group), ")");
+  } else {
+    FUSED_MOE_CHECK(num_expert_group == 0, op, ": num_expert_group must be >= 0, got ",
+                    num_expert_group);
+  }
+  TopkParams p;
+  p.scoring = parse_scoring(op, scoring_func);
+  Tensor weights = alloc(t, {m, topk}, ScalarType::Float);
+  Tensor ids = alloc(t, {m, topk}, ScalarType::Int);
+  p.logits = t.data_ptr();
+  p.logits_dtype = t.scalar_type();
+  p.bias = ptr<const float>(bias);
+  p.weights = ptr<float>(weights);
+  p.ids = ptr<int32_t>(ids);
+  p.num_tokens = m;
+  p.num_experts = static_cast<int>(e);
+  p.topk = static_cast<int>(topk);
+  p.renormalize = renormalize;
+  p.num_groups = static_cast<int>(num_expert_group);
+  p.topk_group = static_cast<int>(topk_group);
+  p.routed_scaling_factor = static_cast<float>(routed_scaling_factor);
+  if (m > 0) run(t, [&] { cpu::topk(p); }, FUSED_MOE_CUDA(cuda::topk(p, stream)));
+  return {weights, ids};
+}
+
+std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Tensor& topk_ids,
+                                           int64_t num_local_experts, OptTensor expert_map,
+                                           OptTensor row_weights) {
+  const char* op = "fused_moe.permute";
+  const Tensor& t = hidden_states;
+  Arg x{op, "hidden_states", t};
+  x.dtype_in(kFloats);
+  x.shape_is({-1, -1});
+  x.contiguous();
+  const int64_t m = t.size(0), h = t.size(1);
+  Arg ids{op, "topk_ids", topk_ids};
+  ids.dtype_is(ScalarType::Int);
+  ids.shape_is({m, -1});
+  ids.contiguous();
+  ids.same_device(t, "hidden_states");
+  const int64_t k = topk_ids.size(1);
+  FUSED_MOE_CHECK(num_local_experts >= 1, op, ": num_local_experts must be >= 1, got ",
+                  num_local_experts);
+  int64_t num_experts = num_local_experts;
+  if (expert_map) {
+    Arg em{op, "expert_map", *expert_map};
+    em.dtype_is(ScalarType::Int);
+    em.shape_is({-1});
+    em.contiguous();
+    em.same_device(t, "hidden_states");
+    num_experts = expert_map->size(0);
+  }
+  if (row_weights) {
+    Arg w{op, "row_weights", *row_weights};
+    w.dtype_is(ScalarType::Float);
+    w.shape_is({m, k});
+    w.contiguous();
+    w.same_device(t, "hidden_states");
+  }
+  check_ids_in_range(op, topk_ids, num_experts);
+
+  Tensor out = alloc(t, {m * k, h});
+  Tensor offsets = alloc(t, {num_local_experts + 1}, ScalarType::Int);
+  Tensor inv = alloc(t, {m, k}, ScalarType::Int);
+  PermuteParams p;
+  p.x = t.data_ptr();
+  p.dtype = t.scalar_type();
+  p.topk_ids = ptr<const int32_t>(topk_ids);
+  p.expert_map = ptr<const int32_t>(expert_map);
+  p.row_weights = ptr<const float>(row_weights);
+  p.out = out.data_ptr();
+  p.expert_offsets = ptr<int32_t>(offsets);
+  p.inv_index = ptr<int32_t>(inv);
+  p.num_tokens = m;
+  p.hidden = h;
+  p.topk = static_cast<int>(k);
+  p.num_experts = static_cast<int>(num_experts);
+  p.num_local_experts = static_cast<int>(num_local_experts);
+  run(t, [&] { cpu::permute(p); }, FUSED_MOE_CUDA(
+      Tensor ws = workspace(t, cuda::permute_workspace_bytes(p));
+      cuda::permute(p, ws.data_ptr(), stream)));
+  return {out, offsets, inv};
+}
+
+Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offsets,
+                    OptTensor bias) {
+  const char* op = "fused_moe.grouped_gemm";
+  const Tensor& t = a;
+  Arg aa{op, "a", a};
+  aa.dtype_in(kFloats);
+  aa.shape_is({-1, -1});
+  aa.contiguous();
+  const int64_t rows = a.size(0), k = a.size(1);
+  Arg ww{op, "w", w};
+  ww.dtype_is(a.scalar_type());
+  ww.shape_is({-1, -1, k});
+  ww.contiguous();
+  ww.same_device(a, "a");
+  const int64_t e = w.size(0), n = w.size(1);
+  Arg off{op, "expert_offsets", expert_offsets};
+  off.dtype_is(ScalarType::Int);
+  off.shape_is({e + 1});
+  off.contiguous();
+  off.same_device(a, "a");
+  if (bias) {
+    Arg b{op, "bias", *bias};
+    b.dtype_is(a.scalar_type());
+    b.shape_is({e, n});
+    b.contiguous();
+    b.same_device(a, "a");
+  }
+  if (!a.is_cuda()) {  // cheap on the CPU; the CUDA kernels clamp instead
+    const int32_t* o = ptr<const int32_t>(expert_offsets);
+    for (int64_t i = 0; i < e; ++i)
+      FUSED_MOE_CHECK(o[0] == 0 && o[i] <= o[i + 1] && o[e] <= rows, op,
+                      ": expert_offsets must rise from 0 to at most rows=", rows,
+                      ", got offsets[", i, "]=", o[i], ", offsets[", i + 1, "]=", o[i + 1]);
+  }
+  Tensor out = alloc(a, {rows, n});
+  GroupedGemmParams p;
+  p.a = a.data_ptr();
+  p.dtype = a.scalar_type();
+  p.w = w.data_ptr();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.expert_offsets = ptr<const int32_t>(expert_offsets);
+  p.out = out.data_ptr();
+  p.rows = rows;
+  p.n = n;
+  p.k = k;
+  p.num_experts = static_cast<int>(e);
+  if (rows > 0) {
+    run(t, [&] { cpu::grouped_gemm(p); }, FUSED_MOE_CUDA(
+        Tensor ws = workspace(t, cuda::grouped_gemm_workspace_bytes(p));
+        cuda::grouped_gemm(p, ws.data_ptr(), stream)));
+  }
+  return out;
+}
+
+Tensor activation(const Tensor& x, std::string activation, bool is_act_and_mul) {
+  const char* op = "fused_moe.activation";
+  const Tensor& t = x;
+  Arg xx{op, "x", x};
+  xx.dtype_in(kFloats);
+  xx.shape_is({-1, -1});
+  xx.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  FUSED_MOE_CHECK(!is_act_and_mul || cols % 2 == 0, op,
+                  ": x must have an even number of columns (gate and up) when is_act_and_mul, got ",
+                  shape_str(x));
+  ActivationParams p;
+  p.act = parse_activation(op, activation, is_act_and_mul);
+  p.gated = is_act_and_mul;
+  p.inter = is_act_and_mul ? cols / 2 : cols;
+  p.rows = rows;
+  p.dtype = x.scalar_type();
+  Tensor out = alloc(x, {rows, p.inter});
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  if (rows > 0 && p.inter > 0)
+    run(t, [&] { cpu::activation(p); }, FUSED_MOE_CUDA(cuda::activation(p, stream)));
+  return out;
+}
+
+Tensor unpermute(const Tensor& y, const Tensor& inv_index, OptTensor topk_weights) {
+  const char* op = "fused_moe.unpermute";
+  const Tensor& t = y;
+  Arg yy{op, "y", y};
+  yy.dtype_in(kFloats);
+  yy.shape_is({-1, -1});
+  yy.contiguous();
+  Arg inv{op, "inv_index", inv_index};
+  inv.dtype_is(ScalarType::Int);
+  inv.shape_is({-1, -1});
+  inv.contiguous();
+  inv.same_device(y, "y");
+  const int64_t m = inv_index.size(0), k = inv_index.size(1), h = y.size(1);
+  if (topk_weights) {
+    Arg w{op, "topk_weights", *topk_weights};
+    w.dtype_is(ScalarType::Float);
+    w.shape_is({m, k});
+    w.contiguous();
+    w.same_device(y, "y");
+  }
+  if (!y.is_cuda()) {
+    const int32_t* p = ptr<const int32_t>(inv_index);
+    for (int64_t i = 0; i < inv_index.numel(); ++i)
+      FUSED_MOE_CHECK(p[i] >= -1 && p[i] < y.size(0), op, ": inv_index must be in [-1, ",
+                      y.size(0), "), got ", p[i], " at flat index ", i);
+  }
+  Tensor out = alloc(y, {m, h});
+  UnpermuteParams p;
+  p.y = y.data_ptr();
+  p.dtype = y.scalar_type();
+  p.inv_index = ptr<const int32_t>(inv_index);
+  p.weights = ptr<const float>(topk_weights);
+  p.out = out.data_ptr();
+  p.num_tokens = m;
+  p.hidden = h;
+  p.topk = static_cast<int>(k);
+  if (m > 0 && h > 0)
+    run(t, [&] { cpu::unpermute(p); }, FUSED_MOE_CUDA(cuda::unpermute(p, stream)));
+  return out;
+}
+
+Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tensor& w2,
+                     const Tensor& topk_weights, const Tensor& topk_ids, std::string activation_name,
+                     bool is_act_and_mul, OptTensor w13_bias, OptTensor w2_bias,
+                     OptTensor expert_map, int64_t global_num_experts,
+                     bool apply_router_weight_on_input) {
+  const char* op = "fused_moe.fused_experts";
+  Arg x{op, "hidden_states", hidden_states};
+  x.dtype_in(kFloats);
+  x.shape_is({-1, -1});
+  x.contiguous();
+  const int64_t m = hidden_states.size(0), h = hidden_states.size(1);
+  Arg a13{op, "w13", w13};
+  a13.dtype_is(hidden_states.scalar_type());
+  a13.shape_is({-1, -1, h});
+  a13.contiguous();
+  a13.same_device(hidden_states, "hidden_states");
+  const int64_t e_local = w13.size(0);
+  const int64_t inter = is_act_and_mul ? w13.size(1) / 2 : w13.size(1);
+  FUSED_MOE_CHECK(!is_act_and_mul || w13.size(1) % 2 == 0, op,
+                  ": w13 must have 2 * intermediate_size rows when is_act_and_mul, got shape ",
+                  shape_str(w13));
+  Arg a2{op, "w2", w2};
+  a2.dtype_is(hidden_states.scalar_type());
+  a2.shape_is({e_local, h, inter});
+  a2.contiguous();
+  a2.same_device(hidden_states, "hidden_states");
+  Arg tw{op, "topk_weights", topk_weights};
+  tw.dtype_is(ScalarType::Float);
+  tw.shape_is({m, -1});
+  Arg ids{op, "topk_ids", topk_ids};
+  ids.shape_is({m, topk_weights.size(1)});
+  if (w13_bias) Arg{op, "w13_bias", *w13_bias}.shape_is({e_local, w13.size(1)});
+  if (w2_bias) Arg{op, "w2_bias", *w2_bias}.shape_is({e_local, h});
+  const int64_t mapped = expert_map ? expert_map->size(0) : e_local;
+  FUSED_MOE_CHECK(global_num_experts < 0 || global_num_experts == mapped, op,
+                  ": global_num_experts=", global_num_experts, " must be -1 or ",
+                  expert_map ? "expert_map.size(0)=" : "w13.size(0)=", mapped);
+  FUSED_MOE_CHECK(topk_ids.size(1) <= mapped, op, ": topk=", topk_ids.size(1),
+                  " exceeds the number of experts ", mapped);
+  FUSED_MOE_CHECK(!apply_router_weight_on_input || topk_ids.size(1) == 1, op,
+                  ": apply_router_weight_on_input needs topk == 1, got topk=", topk_ids.size(1));
+  parse_activation(op, activation_name, is_act_and_mul);
+
+  // The router weight scales either the gathered input rows or the expert outputs.
+  OptTensor on_input, on_output;
+  (apply_router_weight_on_input ? on_input : on_output) = topk_weights;
+  auto [rows, offsets, inv] = permute(hidden_states, topk_ids, e_local, expert_map, on_input);
+  Tensor h13 = grouped_gemm(rows, w13, offsets, w13_bias);
+  Tensor act = activation(h13, activation_name, is_act_and_mul);
+  Tensor y = grouped_gemm(act, w2, offsets, w2_bias);
+  return unpermute(y, inv, on_output);
+}
+
+}  // namespace fused_moe

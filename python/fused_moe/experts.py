@@ -1,0 +1,41 @@
+"""fused_experts: the whole expert computation of an MoE layer, as one op."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (registers the ops)
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swigluoai")
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    is_act_and_mul: bool = True,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+    global_num_experts: int | None = None,
+    apply_router_weight_on_input: bool = False,
+) -> torch.Tensor:
+    """``out[t] = sum_k w[t,k] * (W2_e act(W13_e x_t + b13_e) + b2_e)``, e = topk_ids[t,k].
+
+    hidden_states [M, H]; w13 [E_local, 2I, H] (gate rows then up rows;
+    interleaved gate/up for ``swigluoai``) or [E_local, I, H] when not
+    ``is_act_and_mul``; w2 [E_local, H, I]; topk_weights float32 [M, K];
+    topk_ids int32 [M, K] of global expert ids. ``expert_map`` [E_global]
+    int32 maps global ids to local ones, -1 for experts on other ranks, whose
+    slots add nothing. ``apply_router_weight_on_input`` (top-1 only) scales x
+    instead of the output. Accumulates in fp32; returns [M, H] in x's dtype.
+    """
+    return torch.ops.fused_moe.fused_experts(
+        hidden_states, w13, w2, topk_weights, topk_ids, activation, is_act_and_mul,
+        w13_bias, w2_bias, expert_map,
+        -1 if global_num_experts is None else global_num_experts,
+        apply_router_weight_on_input)
