@@ -1,0 +1,44 @@
+"""PERF.md's table: every MODELS shape x M, fused_moe beside torch._grouped_mm
+and a per-expert loop, measured by fused_moe.bench.
+
+    python benchmarks/bench_moe.py [--models qwen3-30b-a3b,deepseek-v3] [--json PATH]
+"""
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+from fused_moe import bench
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(bench.MODELS),
+                        help=f"comma-separated subset of {','.join(bench.MODELS)}")
+    parser.add_argument("--json", metavar="PATH", help="write the results, card and date as JSON")
+    args = parser.parse_args()
+    unknown = set(args.models.split(",")) - set(bench.MODELS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}")
+    if not torch.cuda.is_available():
+        sys.exit("bench_moe.py needs a CUDA GPU (python -m fused_moe bench has a CPU mode)")
+    bench.check_device_support(bench.IMPLS)
+    ceilings = bench.measure_ceilings()
+    card = torch.cuda.get_device_name()
+    print(f"{card}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
+          f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    shapes = {name: bench.MODELS[name] for name in args.models.split(",")}
+    results = bench.run(shapes, bench.TOKENS, ceilings=ceilings)
+    print(bench.format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": datetime.date.today().isoformat(), "card": card, "torch": torch.__version__,
+                       "command": " ".join(sys.argv), "ceilings": vars(ceilings), "results": results},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

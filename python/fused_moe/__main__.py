@@ -1,0 +1,188 @@
+"""Command line: ``python -m fused_moe info`` and ``python -m fused_moe bench``."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import importlib.metadata
+import json
+import sys
+
+import torch
+
+import fused_moe
+
+from . import _C, bench
+
+OPS = ("topk", "permute", "grouped_gemm", "activation", "unpermute", "fused_experts")
+CUTLASS_BUILD_VERSION = "4.2.0.0"  # pyproject.toml's build requirement
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_moe")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, build, CUDA kernels and GPU").set_defaults(run=info)
+    add_bench_parser(commands)
+    args = parser.parse_args(argv)
+    return args.run(args) or 0
+
+
+# --- info -----------------------------------------------------------------------------
+
+
+def info(args=None) -> None:
+    for key, value in info_fields().items():
+        print(f"{key:<14}{value}")
+
+
+def info_fields() -> dict:
+    return {
+        "fused_moe": fused_moe.__version__,
+        "torch": torch.__version__,
+        "CUDA runtime": torch.version.cuda or "none (torch built without CUDA)",
+        "CUTLASS": cutlass_version(),
+        "build": build_info(),
+        "CUDA kernels": ", ".join(f"{op} {'yes' if has_cuda_kernel(op) else 'no'}" for op in OPS),
+        "GPU": gpu_description(),
+    }
+
+
+def cutlass_version() -> str:
+    try:
+        return importlib.metadata.version("nvidia-cutlass")
+    except importlib.metadata.PackageNotFoundError:
+        return f"build-time {CUTLASS_BUILD_VERSION}"
+
+
+def build_info() -> str:
+    """What _C was compiled with, e.g. "cuda=1 archs=80-real 90a-real"."""
+    library = ctypes.CDLL(_C.__file__)
+    library.fused_moe_build_info.restype = ctypes.c_char_p
+    return library.fused_moe_build_info().decode()
+
+
+def has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_moe::{op}", "CUDA")
+
+
+def gpu_description() -> str:
+    if not torch.cuda.is_available():
+        return "none"
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.1f} GiB"
+
+
+# --- bench ----------------------------------------------------------------------------
+
+
+def add_bench_parser(commands) -> None:
+    parser = commands.add_parser(
+        "bench", help="time fused_moe against torch._grouped_mm and a per-expert loop (PERF.md)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", choices=sorted(bench.MODELS),
+                       help="a PERF.md shape (default qwen3-30b-a3b; on CPU a small shape)")
+    which.add_argument("--shape", type=_ints(4), metavar="E,K,H,I", help="experts, top-k, hidden, intermediate")
+    parser.add_argument("--tokens", type=_ints(), metavar="M,M,...",
+                        help=f"token counts (default {','.join(map(str, bench.TOKENS))}; "
+                             f"on CPU {','.join(map(str, bench.CPU_TOKENS))})")
+    parser.add_argument("--impl", type=_names(bench.IMPLS), metavar="NAME,...",
+                        help=f"implementations to time, of {','.join(bench.IMPLS)} (default: all "
+                             "on a GPU; fused_moe and loop on CPU)")
+    parser.add_argument("--json", metavar="FILE", help="write the results, card and date as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot time against tokens (needs matplotlib)")
+    parser.set_defaults(run=run_bench)
+
+
+def _ints(count: int | None = None):
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(int(v) for v in text.split(","))
+        if count is not None and len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated integers, got {text!r}")
+        if min(values) < 1:
+            raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+        return values
+    return parse
+
+
+def _names(allowed):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(text.split(","))
+        unknown = set(names) - set(allowed)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {sorted(unknown)}; choose from {','.join(allowed)}")
+        return names
+    return parse
+
+
+def run_bench(args) -> None:
+    if args.plot:
+        _require_matplotlib()
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        print("No GPU found: CPU mode (float32 wall-clock medians, no CUDA graphs, no floor).")
+    shapes = _shapes(args, cuda)
+    tokens = args.tokens or (bench.TOKENS if cuda else bench.CPU_TOKENS)
+    impls = args.impl or (bench.IMPLS if cuda else bench.CPU_IMPLS)
+    ceilings = None
+    if cuda:
+        bench.check_device_support(impls)
+        ceilings = bench.measure_ceilings()
+        print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
+              f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    results = bench.run(shapes, tokens, impls=impls, ceilings=ceilings)
+    print(bench.format_table(results))
+    if args.json:
+        _write_json(args.json, results, ceilings)
+    if args.plot:
+        _plot(results, args.plot)
+
+
+def _shapes(args, cuda: bool) -> dict:
+    if args.shape:
+        return {"custom": args.shape}
+    if args.model or cuda:
+        name = args.model or "qwen3-30b-a3b"
+        return {name: bench.MODELS[name]}
+    return {"cpu-small": bench.CPU_SHAPE}
+
+
+def _write_json(path: str, results: list[dict], ceilings) -> None:
+    record = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python -m fused_moe"] + sys.argv[1:]),
+        "build": info_fields(),
+        "ceilings": None if ceilings is None else vars(ceilings),
+        "results": results,
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("--plot needs matplotlib: pip install matplotlib")
+
+
+def _plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (shape, impl) in dict.fromkeys((r["shape"], r["impl"]) for r in results):
+        points = [(r["M"], r["us"]) for r in results if (r["shape"], r["impl"]) == (shape, impl)]
+        ax.plot(*zip(*points), marker="o", label=f"{shape} {impl}")
+    ax.set(xscale="log", yscale="log", xlabel="tokens (M)", ylabel="time (us)",
+           title="MoE experts forward")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

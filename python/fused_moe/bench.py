@@ -1,0 +1,320 @@
+"""The PERF.md measurement of one MoE layer, in one place: used by
+``python -m fused_moe bench`` and ``benchmarks/bench_moe.py``.
+
+On a GPU each implementation is captured once in a CUDA graph and replayed
+REPLAYS times, a 64 MiB buffer zeroed before each replay (outside the timed
+events) so the weights come from HBM, not L2; the median of the CUDA-event
+times counts. The floor is max(FLOPs / matmul rate, bytes / copy bandwidth)
+with both ceilings measured in the same run. Without a GPU, CPU mode times
+plain wall-clock medians (no graphs, no floor).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .experts import fused_experts
+
+# (E, K, H, I) of the PERF.md shapes.
+MODELS = {
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "qwen3-235b-a22b": (128, 8, 4096, 1536),
+    "deepseek-v3": (256, 8, 7168, 2048),
+    "gpt-oss-120b": (128, 4, 2880, 2880),
+}
+TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
+IMPLS = ("fused_moe", "grouped_mm", "loop")
+
+CPU_SHAPE = (8, 2, 256, 512)
+CPU_TOKENS = (1, 32, 256)
+CPU_IMPLS = ("fused_moe", "loop")
+
+REPLAYS = 50
+CPU_REPS = 20
+FLUSH_BYTES = 64 << 20
+# Relative Frobenius distance allowed between two bf16 implementations: each
+# rounds its intermediates to bf16 in its own order.
+CHECK_RTOL = 2e-2
+LOOP_NOTE = ("loop: per-expert loop timed without a CUDA graph (it reads the "
+             "per-expert token counts on the host), so its launch gaps count")
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float      # device-to-device copy, read + write bytes
+    matmul_tflops: float  # dense bf16 8192^3 matmul on random data
+
+
+def measure_ceilings(device: torch.device | str = "cuda") -> Ceilings:
+    """The card's copy bandwidth and dense bf16 matmul rate, measured now."""
+    src = torch.ones(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_us = _median_event_us(lambda: dst.copy_(src), reps=20)
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    mm_us = _median_event_us(lambda: a @ b, reps=20)
+    return Ceilings(copy_gbps=2 * (1 << 30) / copy_us / 1e3, matmul_tflops=2 * 8192**3 / mm_us / 1e6)
+
+
+def _median_event_us(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+# --- inputs and the two torch implementations --------------------------------------
+
+
+def make_inputs(E: int, K: int, H: int, I: int, M: int, device, dtype=torch.bfloat16, seed: int = 0):
+    """PERF.md's inputs: x ~ N(0,1), w13 ~ N(0,1)/sqrt(H), w2 ~ N(0,1)/sqrt(I),
+    top-k of softmax(N(0,1) logits), renormalized."""
+    gen = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(M, H, generator=gen, device=device, dtype=dtype)
+    w13 = torch.randn(E, 2 * I, H, generator=gen, device=device, dtype=dtype).div_(math.sqrt(H))
+    w2 = torch.randn(E, H, I, generator=gen, device=device, dtype=dtype).div_(math.sqrt(I))
+    logits = torch.randn(M, E, generator=gen, device=device)
+    weights, ids = torch.softmax(logits, dim=-1).topk(K, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return x, w13, w2, weights, ids.to(torch.int32)
+
+
+def _sorted_slots(topk_ids: torch.Tensor):
+    """(expert id of each slot, slot order grouped by expert, token of each sorted slot)."""
+    flat = topk_ids.flatten().long()
+    order = torch.argsort(flat, stable=True)
+    return flat, order, order // topk_ids.shape[1]
+
+
+def grouped_mm_experts(x, w13, w2, topk_weights, topk_ids):
+    """The torch._grouped_mm pipeline of PERF.md: sort, gather, grouped GEMM,
+    SiLU-and-mul, grouped GEMM, weighted scatter-add. No host sync, so it
+    captures into a CUDA graph."""
+    flat, order, token = _sorted_slots(topk_ids)
+    # scatter_add rather than bincount: bincount's output size is data-dependent.
+    counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    h = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    y = y.float() * topk_weights.flatten()[order, None]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token, y).to(x.dtype)
+
+
+def loop_experts(x, w13, w2, topk_weights, topk_ids):
+    """One matmul pair per expert that has tokens. The per-expert counts are
+    read on the host, which keeps it out of CUDA graphs."""
+    flat, order, token = _sorted_slots(topk_ids)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    weights = topk_weights.flatten()[order, None]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        rows = slice(start, start + n)
+        start += n
+        if n == 0:
+            continue
+        gate, up = (x[token[rows]] @ w13[e].T).chunk(2, dim=-1)
+        y = (F.silu(gate) * up) @ w2[e].T
+        out.index_add_(0, token[rows], y.float() * weights[rows])
+    return out.to(x.dtype)
+
+
+_FUNCTIONS = {"fused_moe": fused_experts, "grouped_mm": grouped_mm_experts, "loop": loop_experts}
+_GRAPHED = {"fused_moe": True, "grouped_mm": True, "loop": False}
+
+
+# --- floor --------------------------------------------------------------------------
+
+
+def flops(K: int, H: int, I: int, M: int, gated: bool = True) -> int:
+    """Matmul FLOPs of a forward: two GEMMs per slot, the first 2I wide when gated."""
+    return 2 * M * K * (3 if gated else 2) * H * I
+
+
+def bytes_moved(topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> int:
+    """Weights of every expert some token chose, plus x and out."""
+    hit = torch.unique(topk_ids).numel()
+    per_expert = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    return hit * per_expert + 2 * x.numel() * x.element_size()
+
+
+# --- timing -------------------------------------------------------------------------
+
+
+def _time_graph(fn, flush: torch.Tensor, replays: int):
+    """(median us of graph replays, the graph's output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture: lazy inits, workspaces
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return _median_flushed_us(graph.replay, flush, replays), out.clone()
+
+
+def _time_eager(fn, flush: torch.Tensor, replays: int):
+    fn()
+    fn()
+    return _median_flushed_us(fn, flush, replays), fn()
+
+
+def _median_flushed_us(fn, flush: torch.Tensor, reps: int) -> float:
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()  # evicts the weights from L2; before the start event, so not timed
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def _time_cpu(fn, reps: int):
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times), out
+
+
+def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+# --- one point, many points -----------------------------------------------------------
+
+
+def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | None = None,
+              device="cuda", replays: int = REPLAYS) -> list[dict]:
+    """Times each implementation at one (shape, M); returns one dict each.
+
+    Every output is checked once against the per-expert loop (the plainest
+    implementation), so grouped_mm is checked against fused_moe through it;
+    a mismatch raises. On "cpu" the inputs are float32, times are wall-clock
+    medians of CPU_REPS calls and the floor fields are None.
+    """
+    E, K, H, I = shape
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, w13, w2, weights, ids = make_inputs(E, K, H, I, M, device, dtype)
+    args = (x, w13, w2, weights, ids)
+    reference = loop_experts(*args)
+    work, moved = flops(K, H, I, M), bytes_moved(ids, w13, w2, x)
+    floor = None
+    if ceilings is not None:
+        floor = max(work / (ceilings.matmul_tflops * 1e6), moved / (ceilings.copy_gbps * 1e3))
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    rows = []
+    for impl in impls:
+        fn = _FUNCTIONS[impl]
+        graphed = device.type == "cuda" and _GRAPHED[impl]
+        if device.type != "cuda":
+            us, out = _time_cpu(lambda: fn(*args), CPU_REPS)
+        elif graphed:
+            us, out = _time_graph(lambda: fn(*args), flush, replays)
+        else:
+            us, out = _time_eager(lambda: fn(*args), flush, replays)
+        diff = _rel_diff(out, reference)
+        if not diff <= CHECK_RTOL:
+            raise RuntimeError(f"{impl} differs from the per-expert loop at {name} M={M}: "
+                               f"relative Frobenius distance {diff:.3g} > {CHECK_RTOL}")
+        rows.append(dict(shape=name, E=E, K=K, H=H, I=I, M=M, impl=impl, us=us,
+                         tflops=work / us / 1e6, gbps=moved / us / 1e3, floor_us=floor,
+                         pct_of_floor=None if floor is None else 100 * floor / us,
+                         graph=graphed, device=device.type))
+    base = next((r["us"] for r in rows if r["impl"] == "grouped_mm"), None)
+    for r in rows:
+        r["speedup"] = None if base is None else base / r["us"]
+    return rows
+
+
+def check_device_support(impls) -> None:
+    """Fails early, and clearly, when an implementation cannot run on this GPU."""
+    if "fused_moe" in impls and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fused_moe::fused_experts", "CUDA"):
+        raise RuntimeError("fused_moe was built without CUDA kernels (see `python -m fused_moe "
+                           "info`); rebuild it with nvcc, or leave fused_moe out of the impls")
+
+
+def run(shapes: dict, tokens, *, impls=None, ceilings: Ceilings | None = None,
+        show_progress: bool = True) -> list[dict]:
+    """Every (shape, M) point: on the GPU if there is one, else CPU mode."""
+    cuda = torch.cuda.is_available()
+    impls = tuple(impls or (IMPLS if cuda else CPU_IMPLS))
+    if cuda:
+        check_device_support(impls)
+        ceilings = ceilings or measure_ceilings()
+    points = [(name, shape, M) for name, shape in shapes.items() for M in tokens]
+    results = []
+    for name, shape, M in progress(points, desc="bench", enabled=show_progress):
+        results += run_point(name, shape, M, impls=impls, ceilings=ceilings,
+                             device="cuda" if cuda else "cpu")
+        if cuda:
+            torch.cuda.empty_cache()  # each point's weights and graph pools go before the next
+    return results
+
+
+def progress(items: list, desc: str, enabled: bool = True):
+    """tqdm when installed, else a plain counter on stderr."""
+    if not enabled:
+        yield from items
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        for i, item in enumerate(items):
+            print(f"\r{desc}: {i}/{len(items)}", end="", file=sys.stderr, flush=True)
+            yield item
+        print(f"\r{desc}: {len(items)}/{len(items)}", file=sys.stderr)
+        return
+    yield from tqdm(items, desc=desc, file=sys.stderr)
+
+
+# --- presentation ---------------------------------------------------------------------
+
+
+def format_table(results: list[dict]) -> str:
+    """A fixed-width table, one row per (shape, M, impl)."""
+    head = ("shape", "E", "K", "H", "I", "M", "impl", "us", "TFLOP/s", "GB/s", "floor us",
+            "% floor", "vs grouped_mm")
+    rows = [head] + [(
+        r["shape"], str(r["E"]), str(r["K"]), str(r["H"]), str(r["I"]), str(r["M"]),
+        r["impl"] + ("" if r["graph"] or r["device"] != "cuda" else " *"),
+        f"{r['us']:.1f}", f"{r['tflops']:.1f}", f"{r['gbps']:.0f}", _fmt(r["floor_us"], ".1f"),
+        _fmt(r["pct_of_floor"], ".0f"), _fmt(r["speedup"], ".2f", "x"),
+    ) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.rjust(w) if i >= 7 else cell.ljust(w) for i, (cell, w) in
+                       enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    if any(r["device"] == "cuda" and not r["graph"] for r in results):
+        lines.append("* " + LOOP_NOTE)
+    return "\n".join(lines)
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix

@@ -1,0 +1,52 @@
+"""python -m fused_moe info / bench, run as a user would."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+TINY = ["bench", "--shape", "4,2,32,24", "--tokens", "1,4"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "fused_moe", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_info_prints_every_field():
+    result = cli("info")
+    assert result.returncode == 0, result.stderr
+    for field in ("fused_moe", "torch", "CUDA runtime", "CUTLASS", "build", "CUDA kernels", "GPU"):
+        assert any(line.startswith(field) for line in result.stdout.splitlines()), field
+    assert "cuda=" in result.stdout and "fused_experts" in result.stdout
+
+
+def test_bench_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = cli(*TINY, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    rows = record["results"]
+    assert {r["M"] for r in rows} == {1, 4}
+    assert {r["impl"] for r in rows} >= {"fused_moe", "loop"}
+    assert all(r["us"] > 0 and (r["E"], r["K"], r["H"], r["I"]) == (4, 2, 32, 24) for r in rows)
+    assert "impl" in result.stdout and "fused_moe" in result.stdout  # the table
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_bench_plot(tmp_path):
+    out = tmp_path / "bench.png"
+    result = cli(*TINY, "--plot", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_bad_shape():
+    result = cli("bench", "--shape", "4,2,32")
+    assert result.returncode == 2 and "expected 4 comma-separated integers" in result.stderr
