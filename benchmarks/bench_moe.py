@@ -18,6 +18,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(bench.MODELS),
                         help=f"comma-separated subset of {','.join(bench.MODELS)}")
+    parser.add_argument("--impls", default=",".join(bench.IMPLS),
+                        help=f"comma-separated subset of {','.join(bench.IMPLS)}")
     parser.add_argument("--json", metavar="PATH", help="write the results, card and date as JSON")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(bench.MODELS)
@@ -25,13 +27,14 @@ def main() -> None:
         parser.error(f"unknown models {sorted(unknown)}")
     if not torch.cuda.is_available():
         sys.exit("bench_moe.py needs a CUDA GPU (python -m fused_moe bench has a CPU mode)")
-    bench.check_device_support(bench.IMPLS)
+    impls = args.impls.split(",")
+    bench.check_device_support(impls)
     ceilings = bench.measure_ceilings()
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
           f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
     shapes = {name: bench.MODELS[name] for name in args.models.split(",")}
-    results = bench.run(shapes, bench.TOKENS, ceilings=ceilings)
+    results = bench.run(shapes, bench.TOKENS, impls=impls, ceilings=ceilings)
     print(bench.format_table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -83,7 +83,8 @@ struct ActivationParams {
 struct UnpermuteParams {
   const void* y = nullptr;            // [R, H] expert outputs in permuted order
   ScalarType dtype = ScalarType::Float;
-  const int32_t* inv_index = nullptr; // [M, K], -1: slot contributes nothing
+  int64_t rows = 0;                   // R
+  const int32_t* inv_index = nullptr; // [M, K], -1 (or >= R): slot contributes nothing
   const float* weights = nullptr;     // [M, K] or null: unit weights
   void* out = nullptr;                // [M, H]: sum over k in order 0..K-1, fp32 accumulate
   int64_t num_tokens = 0;             // M

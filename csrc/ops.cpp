@@ -173,6 +173,13 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
     em.contiguous();
     em.same_device(t, "hidden_states");
     num_experts = expert_map->size(0);
+    if (!t.is_cuda()) {  // on the GPU, entries outside [0, E_local) count as remote
+      const int32_t* map = ptr<const int32_t>(*expert_map);
+      for (int64_t i = 0; i < num_experts; ++i)
+        FUSED_MOE_CHECK(map[i] >= -1 && map[i] < num_local_experts, op,
+                        ": expert_map entries must be -1 or a local id in [0, ", num_local_experts,
+                        "), got ", map[i], " at index ", i);
+    }
   }
   if (row_weights) {
     Arg w{op, "row_weights", *row_weights};
@@ -315,6 +322,7 @@ Tensor unpermute(const Tensor& y, const Tensor& inv_index, OptTensor topk_weight
   UnpermuteParams p;
   p.y = y.data_ptr();
   p.dtype = y.scalar_type();
+  p.rows = y.size(0);
   p.inv_index = ptr<const int32_t>(inv_index);
   p.weights = ptr<const float>(topk_weights);
   p.out = out.data_ptr();

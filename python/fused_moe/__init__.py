@@ -6,14 +6,18 @@
 
 from ._ops import activation, grouped_gemm, permute, topk, unpermute
 from .experts import ACTIVATIONS, fused_experts
+from .layer import FusedMoE
+from .parallel import determine_expert_map
 from .routing import SCORING_FUNCS, fused_topk
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "FusedMoE",
     "SCORING_FUNCS",
     "activation",
+    "determine_expert_map",
     "fused_experts",
     "fused_topk",
     "grouped_gemm",

@@ -27,10 +27,10 @@ extern const Config swap_128x32x128;
 extern const Config swap_128x64x64;
 // Plain out = a_e w[e]^T for many rows per expert.
 extern const Config pingpong_128x128x64;
-extern const Config coop_128x256x64_2x1;
+extern const Config coop_128x256x64;
 
 inline const Config* const kConfigs[] = {
-    &swap_128x16x128, &swap_128x32x128, &swap_128x64x64, &pingpong_128x128x64, &coop_128x256x64_2x1,
+    &swap_128x16x128, &swap_128x32x128, &swap_128x64x64, &pingpong_128x128x64, &coop_128x256x64,
 };
 
 }  // namespace fused_moe::cuda::sm90

@@ -1,0 +1,138 @@
+"""Bandwidth of the memory-bound ops (routing, permute, activation, unpermute)
+on PERF.md's shapes, beside a device-to-device copy measured in the same run.
+
+Each op is captured once into a CUDA graph and replayed; before every replay a
+64 MiB buffer is zeroed, outside the timed region, so the op reads from HBM,
+not L2. The median of the CUDA-event times counts. GB/s = the bytes the op
+must read and write (inputs once, outputs once; no scratch) / time.
+
+    python benchmarks/bench_ops.py [--shapes deepseek-v3,...] [--tokens 1,64,4096,32768]
+                                   [--iters 50] [--json PATH]
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+
+import torch
+
+import fused_moe  # noqa: F401  (registers torch.ops.fused_moe)
+
+ops = torch.ops.fused_moe
+
+# name: (E, K, H, I, activation, routing options); activations in bf16, logits fp32.
+SHAPES = {
+    "mixtral-8x7b": (8, 2, 4096, 14336, "silu", {}),
+    "qwen3-30b-a3b": (128, 8, 2048, 768, "silu", {}),
+    "qwen3-235b-a22b": (128, 8, 4096, 1536, "silu", {}),
+    "deepseek-v3": (256, 8, 7168, 2048, "silu", {"scoring": "sigmoid", "groups": 8,
+                                                 "topk_group": 4, "bias": True, "scale": 2.5}),
+    "gpt-oss-120b": (128, 4, 2880, 2880, "swigluoai", {}),
+}
+TOKENS = [1, 64, 4096, 32768]
+BF16 = 2
+
+
+def time_replay(fn, iters, flush):
+    """Median microseconds of one CUDA-graph replay of fn, L2 flushed before each."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capturing stream
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(iters)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def copy_gbps(iters):
+    """Device-to-device copy of 1 GiB, read + write bytes per second / 1e9."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        dst.copy_(src)
+        end.record()
+    torch.cuda.synchronize()
+    ms = statistics.median(s.elapsed_time(e) for s, e in events)
+    return 2 * src.numel() / ms / 1e6
+
+
+def cases(num_experts, k, hidden, inter, act, routing, m):
+    """(op name, callable, bytes moved) for one shape and token count."""
+    dev = "cuda"
+    logits = torch.randn(m, num_experts, device=dev)
+    bias = 0.1 * torch.randn(num_experts, device=dev) if routing.get("bias") else None
+    groups, topk_group = routing.get("groups", 0), routing.get("topk_group", 0)
+    route_args = (k, True, routing.get("scoring", "softmax"), bias, groups, topk_group,
+                  routing.get("scale", 1.0))
+    weights, ids = ops.topk(logits, *route_args)
+    x = torch.randn(m, hidden, device=dev, dtype=torch.bfloat16)
+    _, _, inv = ops.permute(x, ids, num_experts, None, None)
+    h = torch.randn(m * k, 2 * inter, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(m * k, hidden, device=dev, dtype=torch.bfloat16)
+    slots = m * k
+    return [
+        ("routing", lambda: ops.topk(logits, *route_args),
+         4 * m * num_experts + 8 * slots + (4 * num_experts if bias is not None else 0)),
+        ("permute", lambda: ops.permute(x, ids, num_experts, None, None),
+         BF16 * (m + slots) * hidden + 8 * slots + 4 * (num_experts + 1)),
+        ("activation", lambda: ops.activation(h, act, True), BF16 * slots * 3 * inter),
+        ("unpermute", lambda: ops.unpermute(y, inv, weights),
+         BF16 * (slots + m) * hidden + 8 * slots),
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--json", metavar="PATH", help="write every number, the card and the date")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_ops.py needs a CUDA GPU")
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}")
+
+    card = torch.cuda.get_device_name()
+    copy = copy_gbps(args.iters)
+    print(f"{card}: device-to-device copy {copy:.0f} GB/s (read + write)")
+    print(f"{'shape':<16} {'M':>6} {'op':<11} {'us':>9} {'GB/s':>7} {'of copy':>8}")
+    flush = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    results = []
+    for name in args.shapes.split(","):
+        for m in map(int, args.tokens.split(",")):
+            for op, fn, nbytes in cases(*SHAPES[name], m):
+                us = time_replay(fn, args.iters, flush)
+                gbps = nbytes / us / 1e3
+                results.append({"shape": name, "tokens": m, "op": op, "us": us, "bytes": nbytes,
+                                "gbps": gbps, "copy_fraction": gbps / copy})
+                print(f"{name:<16} {m:>6} {op:<11} {us:>9.1f} {gbps:>7.0f} {gbps / copy:>8.0%}")
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": datetime.date.today().isoformat(), "card": card,
+                       "torch": torch.__version__, "command": " ".join(sys.argv),
+                       "copy_gbps": copy, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+// The grouped GEMM dispatcher: an sm90a CUTLASS configuration where one
+// applies (Hopper, bf16/fp16, N and K multiples of 8, 16-byte aligned), else
+// the portable fallback kernel.
+//
+// FUSED_MOE_GEMM_CONFIG=<name> forces a configuration: "fallback" or a name
+// from sm90_configs.h (tests and benchmarks use it). It is read on every call
+// (getenv is cheap) so it can change at run time. A forced sm90 configuration
+// still runs only where the sm90 path applies; elsewhere the fallback runs.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+
+#include <cuda_runtime_api.h>
+
+#include "kernels.h"
+#include "cuda/kernels.h"
+#ifdef FUSED_MOE_SM90  // sm_90a is in the arch list: the sm90_*.cu files are built
+#include "cuda/grouped_gemm/sm90_configs.h"
+#endif
+
+namespace fused_moe::cuda {
+
+// sm80_fallback.cu: any dtype, shape and alignment, on any arch >= sm_80.
+void grouped_gemm_fallback(const GroupedGemmParams& p, cudaStream_t stream);
+
+namespace {
+
+// The forced configuration's name, or null.
+const char* forced_config() {
+  const char* name = std::getenv("FUSED_MOE_GEMM_CONFIG");
+  return name && *name ? name : nullptr;
+}
+
+bool is_fallback(const char* name) { return std::strcmp(name, "fallback") == 0; }
+
+#ifdef FUSED_MOE_SM90
+
+struct Device {
+  int sm_count;
+  bool sm90;  // compute capability exactly 9.0: sm_90a code runs nowhere else
+};
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fused_moe grouped_gemm: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+// Queried once per device: this runs on every forward.
+const Device& current_device() {
+  int id = 0;
+  check_cuda(cudaGetDevice(&id), "cudaGetDevice");
+  static std::mutex mutex;
+  static std::unordered_map<int, Device> cache;  // element references stay valid
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(id);
+  if (it == cache.end()) {
+    int sms = 0, major = 0, minor = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, id), "SM count");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, id), "compute capability");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, id), "compute capability");
+    it = cache.emplace(id, Device{sms, major == 9 && minor == 0}).first;
+  }
+  return it->second;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// What the sm90 kernels need: TMA wants 16-byte aligned bases and rows.
+bool sm90_applies(const GroupedGemmParams& p, const Device& d) {
+  return d.sm90 && (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) && p.num_experts > 0 &&
+         p.k > 0 && p.n % 8 == 0 && p.k % 8 == 0 && p.n <= INT32_MAX && p.k <= INT32_MAX && aligned16(p.a) &&
+         aligned16(p.w) && aligned16(p.out) && (p.bias == nullptr || aligned16(p.bias));
+}
+
+// From the average rows per expert: few rows go to the swap-AB tiles, whose
+// narrow side is the rows; many to 128-row tiles, the 128x256 one only while it
+// still gives each SM a couple of tiles. Untuned first guesses: retune the
+// thresholds from benchmarks/bench_gemm.py (it prints the best per point).
+const sm90::Config& heuristic(const GroupedGemmParams& p, const Device& d) {
+  const double rows_per_expert = double(p.rows) / p.num_experts;
+  if (rows_per_expert <= 16) return sm90::swap_128x16x128;
+  if (rows_per_expert <= 32) return sm90::swap_128x32x128;
+  if (rows_per_expert <= 64) return sm90::swap_128x64x64;
+  const int64_t large_tiles = (p.rows / 128) * ((p.n + 255) / 256);
+  if (rows_per_expert >= 256 && large_tiles >= 2 * d.sm_count) return sm90::coop_128x256x64;
+  return sm90::pingpong_128x128x64;
+}
+
+// The sm90 configuration to run, or null for the fallback.
+const sm90::Config* choose(const GroupedGemmParams& p, const Device& d) {
+  const char* forced = forced_config();
+  const sm90::Config* named = nullptr;
+  if (forced && !is_fallback(forced)) {
+    std::string names = "fallback";
+    for (const sm90::Config* c : sm90::kConfigs) {
+      if (std::strcmp(c->name, forced) == 0) named = c;
+      names += std::string(", ") + c->name;
+    }
+    if (!named) {
+      throw std::runtime_error(std::string("FUSED_MOE_GEMM_CONFIG=") + forced + " is not one of: " + names);
+    }
+  }
+  if (!sm90_applies(p, d) || (forced && !named)) return nullptr;
+  return named ? named : &heuristic(p, d);
+}
+
+// The largest over the configurations, so that the size does not hinge on
+// which one grouped_gemm picks.
+size_t sm90_workspace_bytes(int num_groups, int sm_count) {
+  size_t bytes = 0;
+  for (const sm90::Config* c : sm90::kConfigs) {
+    bytes = std::max(bytes, c->workspace_bytes(num_groups, sm_count));
+  }
+  return bytes;
+}
+
+#else  // no sm90 kernels: the fallback runs everywhere
+
+void check_forced_config() {
+  const char* forced = forced_config();
+  if (forced && !is_fallback(forced)) {
+    throw std::runtime_error(std::string("FUSED_MOE_GEMM_CONFIG=") + forced +
+                                ": this build has no sm90 kernels, only \"fallback\"");
+  }
+}
+
+#endif  // FUSED_MOE_SM90
+
+}  // namespace
+
+size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p) {
+  if (p.rows == 0 || p.n == 0) return 0;
+#ifdef FUSED_MOE_SM90
+  const Device& d = current_device();
+  if (choose(p, d)) return sm90_workspace_bytes(p.num_experts, d.sm_count);
+#endif
+  return 0;  // the fallback needs none
+}
+
+void grouped_gemm(const GroupedGemmParams& p, void* workspace, cudaStream_t stream) {
+  if (p.rows == 0 || p.n == 0) return;
+#ifdef FUSED_MOE_SM90
+  const Device& d = current_device();
+  if (const sm90::Config* config = choose(p, d)) return config->run(p, workspace, d.sm_count, stream);
+#else
+  check_forced_config();
+  (void)workspace;  // the fallback needs none
+#endif
+  grouped_gemm_fallback(p, stream);
+}
+
+}  // namespace fused_moe::cuda

@@ -1,0 +1,215 @@
+// The grouped GEMM for every case the sm90 kernels do not take: Ampere, fp32,
+// N or K not multiples of 8, unaligned pointers. Correct for any shape; fast
+// enough to be the Ampere path (tensor-core mma.sync for bf16/fp16).
+//
+// Tiles are numbered expert by expert (ceil(rows_e / kBM) per expert), then
+// the rows past off[E]; each block finds its tile from expert_offsets on the
+// device, so a tile never straddles two experts and nothing syncs with the host.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime_api.h>
+#include <cute/tensor.hpp>
+#include <cutlass/bfloat16.h>
+#include <cutlass/half.h>
+
+#include "kernels.h"
+
+namespace fused_moe::cuda {
+namespace {
+
+using namespace cute;
+
+constexpr int kBM = 64;   // rows of a, all of one expert
+constexpr int kBN = 128;  // rows of w[e] = columns of out
+constexpr int kBK = 32;
+constexpr int kThreads = 128;
+
+// 16-byte vectors; each smem row is padded by one vector so that the MMA's
+// fragment reads of eight consecutive rows fall in distinct banks.
+template <class T>
+constexpr int kVec = 16 / sizeof(T);
+template <class T>
+constexpr int kLd = kBK + kVec<T>;
+
+// Four warps; 16-bit types use mma.sync m16n8k16 with fp32 accumulate.
+template <class T>
+struct Mma;
+template <>
+struct Mma<cutlass::bfloat16_t> {
+  using Tiled = decltype(make_tiled_mma(SM80_16x8x16_F32BF16BF16F32_TN{}, Layout<Shape<_2, _2, _1>>{}));
+};
+template <>
+struct Mma<cutlass::half_t> {
+  using Tiled = decltype(make_tiled_mma(SM80_16x8x16_F32F16F16F32_TN{}, Layout<Shape<_2, _2, _1>>{}));
+};
+template <>
+struct Mma<float> {
+  using Tiled = decltype(make_tiled_mma(UniversalFMA<float, float, float, float>{},
+                                        Layout<Shape<_16, _8, _1>>{}));
+};
+
+// expert >= 0: rows [row0, row0 + rows) of that expert; -1: rows past off[E]
+// to zero; -2: no work (the grid is sized for the worst case).
+struct Tile {
+  int expert;
+  int64_t row0;
+  int rows;
+};
+
+// Rows [begin, end) of expert e, offsets clamped to [0, rows] and made
+// non-decreasing per expert: bad offsets (checked only on the CPU) can give
+// wrong rows but never an access out of bounds.
+__device__ int64_t clamped(const int32_t* off, int i, int64_t lo, int64_t rows) {
+  return min(max(int64_t(off[i]), lo), rows);
+}
+
+// Tile number t -> Tile. Each thread counts the tiles of a contiguous range of
+// experts; a block-wide prefix sum then tells which thread's range holds t.
+__device__ Tile find_tile(const int32_t* off, int num_experts, int64_t rows, int64_t t) {
+  __shared__ int64_t prefix[kThreads];
+  __shared__ Tile found;
+  const int tid = threadIdx.x;
+  const int per_thread = (num_experts + kThreads - 1) / kThreads;
+  const int e_begin = min(num_experts, tid * per_thread);
+  const int e_end = min(num_experts, e_begin + per_thread);
+  auto tiles_of = [&](int e, int64_t begin) {
+    return (clamped(off, e + 1, begin, rows) - begin + kBM - 1) / kBM;
+  };
+  int64_t count = 0;
+  for (int e = e_begin; e < e_end; ++e) count += tiles_of(e, clamped(off, e, 0, rows));
+  prefix[tid] = count;
+  if (tid == 0) found = Tile{-2, 0, 0};
+  __syncthreads();
+  for (int d = 1; d < kThreads; d *= 2) {  // inclusive scan
+    const int64_t add = tid >= d ? prefix[tid - d] : 0;
+    __syncthreads();
+    prefix[tid] += add;
+    __syncthreads();
+  }
+  int64_t first = prefix[tid] - count;
+  if (t >= first && t < prefix[tid]) {
+    for (int e = e_begin; e < e_end; ++e) {
+      const int64_t begin = clamped(off, e, 0, rows);
+      const int64_t tiles = tiles_of(e, begin);
+      if (t < first + tiles) {
+        const int64_t row0 = begin + (t - first) * kBM;
+        found = Tile{e, row0, int(min(int64_t(kBM), clamped(off, e + 1, begin, rows) - row0))};
+        break;
+      }
+      first += tiles;
+    }
+  }
+  const int64_t gemm_tiles = prefix[kThreads - 1];
+  if (tid == 0 && t >= gemm_tiles) {
+    const int64_t row0 = clamped(off, num_experts, 0, rows) + (t - gemm_tiles) * kBM;
+    if (row0 < rows) found = Tile{-1, row0, int(min(int64_t(kBM), rows - row0))};
+  }
+  __syncthreads();
+  return found;
+}
+
+// smem[r][c] = src[r][k0 + c] for r < kRows, c < kBK; zero outside rows x k.
+template <int kRows, class T>
+__device__ void load_tile(T* smem, const T* src, int rows, int64_t k, int64_t k0, bool vectors) {
+  constexpr int kPerRow = kBK / kVec<T>;
+  for (int i = threadIdx.x; i < kRows * kPerRow; i += kThreads) {
+    const int r = i / kPerRow;
+    const int c = i % kPerRow * kVec<T>;
+    T* dst = smem + r * kLd<T> + c;
+    if (r < rows && vectors && k0 + c + kVec<T> <= k) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src + r * k + k0 + c);
+    } else {
+      for (int j = 0; j < kVec<T>; ++j) {
+        dst[j] = r < rows && k0 + c + j < k ? src[r * k + k0 + c + j] : T(0);
+      }
+    }
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmParams p, bool vectors) {
+  const Tile tile = find_tile(p.expert_offsets, p.num_experts, p.rows, blockIdx.x);
+  if (tile.expert == -2) return;
+  const int64_t n = p.n, k = p.k;
+  const int64_t n0 = int64_t(blockIdx.y) * kBN;
+  T* out = static_cast<T*>(p.out) + tile.row0 * n;
+
+  if (tile.expert == -1) {
+    for (int i = threadIdx.x; i < tile.rows * kBN; i += kThreads) {
+      const int64_t col = n0 + i % kBN;
+      if (col < n) out[i / kBN * n + col] = T(0);
+    }
+    return;
+  }
+
+  __shared__ alignas(16) T smem_a[kBM * kLd<T>];
+  __shared__ alignas(16) T smem_b[kBN * kLd<T>];
+  using Rows = Stride<Int<kLd<T>>, _1>;  // K-major, padded
+  Tensor sA = make_tensor(make_smem_ptr(smem_a), make_layout(Shape<Int<kBM>, Int<kBK>>{}, Rows{}));
+  Tensor sB = make_tensor(make_smem_ptr(smem_b), make_layout(Shape<Int<kBN>, Int<kBK>>{}, Rows{}));
+  typename Mma<T>::Tiled mma;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  Tensor tCsA = thr.partition_A(sA);
+  Tensor tCsB = thr.partition_B(sB);
+  Tensor tCrA = thr.partition_fragment_A(sA);
+  Tensor tCrB = thr.partition_fragment_B(sB);
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
+  clear(acc);
+
+  const T* a = static_cast<const T*>(p.a) + tile.row0 * k;
+  const T* w = static_cast<const T*>(p.w) + (tile.expert * n + n0) * k;
+  const int w_rows = int(min(int64_t(kBN), n - n0));
+  for (int64_t k0 = 0; k0 < k; k0 += kBK) {
+    load_tile<kBM>(smem_a, a, tile.rows, k, k0, vectors);
+    load_tile<kBN>(smem_b, w, w_rows, k, k0, vectors);
+    __syncthreads();
+    copy(tCsA, tCrA);
+    copy(tCsB, tCrB);
+    gemm(mma, tCrA, tCrB, acc);
+    __syncthreads();
+  }
+
+  const T* bias = p.bias ? static_cast<const T*>(p.bias) + tile.expert * n : nullptr;
+  Tensor tCc = thr.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+  for (int i = 0; i < size(acc); ++i) {
+    const int r = get<0>(tCc(i));
+    const int64_t col = n0 + get<1>(tCc(i));
+    if (r < tile.rows && col < n) {
+      out[r * n + col] = T(acc(i) + (bias ? float(bias[col]) : 0.0f));
+    }
+  }
+}
+
+template <class T>
+void launch(const GroupedGemmParams& p, cudaStream_t stream) {
+  // 16-byte loads need K in whole vectors and 16-byte aligned bases.
+  const bool vectors = p.k % kVec<T> == 0 && reinterpret_cast<uintptr_t>(p.a) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
+  // sum_e ceil(rows_e / kBM) + ceil(tail / kBM) <= R / kBM + E + 1 tiles.
+  const dim3 grid(static_cast<unsigned>(p.rows / kBM + p.num_experts + 1),
+                  static_cast<unsigned>((p.n + kBN - 1) / kBN));
+  grouped_gemm_kernel<T><<<grid, kThreads, 0, stream>>>(p, vectors);
+}
+
+}  // namespace
+
+void grouped_gemm_fallback(const GroupedGemmParams& p, cudaStream_t stream) {
+  if (p.dtype == ScalarType::BFloat16) {
+    launch<cutlass::bfloat16_t>(p, stream);
+  } else if (p.dtype == ScalarType::Half) {
+    launch<cutlass::half_t>(p, stream);
+  } else if (p.dtype == ScalarType::Float) {
+    launch<float>(p, stream);
+  } else {
+    throw std::runtime_error("fused_moe grouped_gemm: dtype must be bfloat16, float16 or float32");
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fused_moe grouped_gemm (fallback): launch failed: ") +
+                             cudaGetErrorString(err));
+  }
+}
+
+}  // namespace fused_moe::cuda

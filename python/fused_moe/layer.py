@@ -1,0 +1,313 @@
+"""FusedMoE: the Mixture-of-Experts layer as a torch.nn.Module: routing, the
+fused expert computation, tensor and expert parallelism, EPLB replicas and
+checkpoint loading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from . import weights as _weights
+from .experts import ACTIVATIONS, fused_experts
+from .parallel import (
+    all_reduce,
+    choose_replicas,
+    determine_expert_map,
+    initial_physical_to_logical,
+    record_expert_load,
+    replica_table,
+    resolve_parallel,
+)
+from .routing import SCORING_FUNCS, fused_topk
+
+
+class FusedMoE(torch.nn.Module):
+    """``forward(hidden_states [..., H], router_logits [..., E]) -> [..., H]``.
+
+    Routes each token to ``top_k`` of ``num_experts`` experts (fused_topk, or
+    ``custom_routing_function(hidden_states [M, H], router_logits [M, E],
+    top_k, renormalize) -> (weights, ids)``, whose weights are final: no
+    routed_scaling_factor) and runs them with fused_experts. Parameters, as
+    fused_experts takes them: ``w13_weight`` [E_local, 2I/tp, H] (gate rows
+    then up rows; interleaved gate/up pairs for ``swigluoai``; I/tp rows of
+    one projection when not ``is_act_and_mul``), ``w2_weight`` [E_local, H,
+    I/tp], and with ``has_bias`` ``w13_bias``, ``w2_bias``.
+
+    Parallelism (see fused_moe.parallel): this rank holds the experts of
+    ``ep_rank`` (of ``ep_size``), each cut to its ``1/tp_size`` slice of the
+    intermediate dimension, and returns its partial output; the sum over all
+    ``tp_size * ep_size`` ranks is the layer's output. ``reduce_results=True``
+    sums it with an all-reduce over ``process_group``. Unset sizes and ranks
+    come from the group when torch.distributed is initialised, else 1 and 0:
+    no size given -> tp_size = group size, ep_size = 1; one given -> the other
+    is group size // it; ranks from the group need tp_size * ep_size == group
+    size and are tp_rank = rank % tp_size, ep_rank = rank // tp_size. Sizes and
+    ranks all given are used as they are (one process can build every rank).
+
+    Rules that make the sum exact: the down-projection bias ``w2_bias`` is held
+    by TP rank 0 (zeros elsewhere); ``shared_experts`` (a module computing the
+    full shared output from hidden_states) is added by every rank after the
+    all-reduce with ``reduce_results``, else by rank tp_rank == ep_rank == 0
+    only.
+
+    EPLB (``enable_eplb``): ``num_redundant_experts`` extra physical experts
+    replicate logical experts (physical p holds logical p % num_experts); token
+    t uses replica t % num_replicas of each of its experts; ``expert_load``
+    counts the slots routed to each logical expert, accumulated over forwards.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        params_dtype: torch.dtype | None = None,
+        reduce_results: bool = False,
+        renormalize: bool = True,
+        use_grouped_topk: bool = False,
+        num_expert_group: int | None = None,
+        topk_group: int | None = None,
+        custom_routing_function: Callable | None = None,
+        scoring_func: str = "softmax",
+        routed_scaling_factor: float = 1.0,
+        e_score_correction_bias: torch.Tensor | None = None,
+        apply_router_weight_on_input: bool = False,
+        activation: str = "silu",
+        is_act_and_mul: bool = True,
+        has_bias: bool = False,
+        tp_size: int | None = None,
+        tp_rank: int | None = None,
+        ep_size: int | None = None,
+        ep_rank: int | None = None,
+        process_group=None,
+        expert_placement_strategy: str = "linear",
+        enable_eplb: bool = False,
+        num_redundant_experts: int = 0,
+        shared_experts: torch.nn.Module | None = None,
+        prefix: str = "",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        _check_sizes(num_experts, top_k, hidden_size, intermediate_size)
+        _check_routing(num_experts, top_k, use_grouped_topk, num_expert_group, topk_group,
+                       custom_routing_function, scoring_func, e_score_correction_bias,
+                       apply_router_weight_on_input)
+        _check_activation(activation, is_act_and_mul)
+        if num_redundant_experts and not enable_eplb:
+            raise ValueError(f"num_redundant_experts={num_redundant_experts}: expected 0 unless "
+                             "enable_eplb=True")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.renormalize = renormalize
+        self.num_expert_group = num_expert_group
+        self.topk_group = topk_group
+        self.custom_routing_function = custom_routing_function
+        self.scoring_func = scoring_func
+        self.routed_scaling_factor = routed_scaling_factor
+        self.e_score_correction_bias = e_score_correction_bias
+        self.apply_router_weight_on_input = apply_router_weight_on_input
+        self.activation = activation
+        self.is_act_and_mul = is_act_and_mul
+        self.shared_experts = shared_experts
+        self.prefix = prefix
+        self._init_parallel(tp_size, tp_rank, ep_size, ep_rank, process_group, reduce_results)
+        self._init_experts(expert_placement_strategy, enable_eplb, num_redundant_experts, device)
+        self._init_params(params_dtype or torch.get_default_dtype(), has_bias, device)
+
+    def _init_parallel(self, tp_size, tp_rank, ep_size, ep_rank, process_group, reduce_results):
+        config = resolve_parallel(tp_size, tp_rank, ep_size, ep_rank, process_group)
+        if self.intermediate_size % config.tp_size:
+            raise ValueError(f"intermediate_size={self.intermediate_size}: expected a multiple of "
+                             f"tp_size={config.tp_size}")
+        ranks = config.tp_size * config.ep_size
+        if reduce_results and config.group_size != ranks:
+            raise ValueError(f"reduce_results=True: expected a process group of tp_size * ep_size"
+                             f" = {ranks} ranks to sum over, got {config.group_size}")
+        self.tp_size, self.tp_rank = config.tp_size, config.tp_rank
+        self.ep_size, self.ep_rank = config.ep_size, config.ep_rank
+        self.process_group = process_group
+        self.reduce_results = reduce_results and ranks > 1
+        self.adds_shared = reduce_results or (config.tp_rank == 0 and config.ep_rank == 0)
+
+    def _init_experts(self, strategy, enable_eplb, num_redundant_experts, device):
+        self.expert_placement_strategy = strategy
+        self.num_redundant_experts = num_redundant_experts
+        self.num_physical_experts = self.num_experts + num_redundant_experts
+        self.local_num_experts, expert_map = determine_expert_map(
+            self.ep_size, self.ep_rank, self.num_physical_experts, strategy)
+        self.register_buffer("expert_map", _to(expert_map, device), persistent=False)
+        # Loading needs, on the host: the local physical experts and their logical ids.
+        local = (torch.arange(self.num_physical_experts) if expert_map is None
+                 else torch.nonzero(expert_map >= 0).flatten())
+        self.local_slot_of = {p: slot for slot, p in enumerate(local.tolist())}
+        physical_to_logical = initial_physical_to_logical(self.num_experts, num_redundant_experts)
+        self.local_logical_experts = physical_to_logical[local]
+        self.checkpoint_names = _weights.expert_checkpoint_names(self.num_experts,
+                                                                 num_redundant_experts)
+        self.enable_eplb = enable_eplb
+        table = counts = load = None
+        if enable_eplb:
+            table, counts = replica_table(physical_to_logical, self.num_experts)
+            load = torch.zeros(self.num_experts, dtype=torch.int64)
+        for name, buffer in (("replica_table", table), ("replica_count", counts),
+                             ("expert_load", load)):
+            self.register_buffer(name, _to(buffer, device), persistent=False)
+
+    def _init_params(self, dtype, has_bias, device):
+        if not dtype.is_floating_point:
+            raise ValueError(f"params_dtype={dtype}: expected a floating dtype")
+        inter = self.intermediate_size // self.tp_size
+        rows = 2 * inter if self.is_act_and_mul else inter
+        e, h = self.local_num_experts, self.hidden_size
+        self.w13_weight = self._param(torch.empty(e, rows, h, dtype=dtype, device=device))
+        self.w2_weight = self._param(torch.empty(e, h, inter, dtype=dtype, device=device))
+        # Biases start at zero: TP ranks other than 0 keep w2_bias at zero.
+        self.w13_bias = self._param(torch.zeros(e, rows, dtype=dtype, device=device)) \
+            if has_bias else None
+        self.w2_bias = self._param(torch.zeros(e, h, dtype=dtype, device=device)) \
+            if has_bias else None
+
+    def _param(self, data):
+        param = torch.nn.Parameter(data, requires_grad=False)
+        param.weight_loader = self.weight_loader
+        return param
+
+    # --- forward ------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, self.hidden_size).contiguous()
+        logits = router_logits.reshape(-1, router_logits.shape[-1])
+        topk_weights, topk_ids = self.route(x, logits)
+        out = fused_experts(
+            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
+            activation=self.activation, is_act_and_mul=self.is_act_and_mul,
+            w13_bias=self.w13_bias, w2_bias=self.w2_bias, expert_map=self.expert_map,
+            global_num_experts=self.num_physical_experts,
+            apply_router_weight_on_input=self.apply_router_weight_on_input)
+        if self.reduce_results:
+            out = all_reduce(out, self.process_group)
+        if self.shared_experts is not None and self.adds_shared:
+            out = out + self.shared_experts(hidden_states).reshape(out.shape)
+        return out.reshape(hidden_states.shape)
+
+    def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights f32 [M, K], ids int32 [M, K]) for [M, H] tokens: logical
+        expert ids, or physical ones (a replica each) with EPLB."""
+        if self.custom_routing_function is not None:
+            weights, ids = self.custom_routing_function(hidden_states, router_logits, self.top_k,
+                                                        self.renormalize)
+            weights, ids = weights.float(), ids.int()
+        else:
+            weights, ids = fused_topk(
+                router_logits, self.top_k, renormalize=self.renormalize,
+                scoring_func=self.scoring_func,
+                e_score_correction_bias=self.e_score_correction_bias,
+                num_expert_group=self.num_expert_group, topk_group=self.topk_group,
+                routed_scaling_factor=self.routed_scaling_factor)
+        if self.enable_eplb:
+            record_expert_load(self.expert_load, ids)
+            ids = choose_replicas(ids, self.replica_table, self.replica_count)
+        return weights, ids
+
+    # --- loading ------------------------------------------------------------------
+
+    def weight_loader(self, param: torch.nn.Parameter, loaded_weight: torch.Tensor,
+                      weight_name: str, shard_id: str, expert_id: int | None,
+                      return_success: bool = False) -> bool | None:
+        """Copies this rank's part of a full checkpoint tensor into ``param``.
+
+        ``shard_id``: ``w1`` (gate), ``w3`` (up), ``w13`` (gate and up fused),
+        ``w2`` (down). ``loaded_weight`` is one expert's tensor (``[out, in]``,
+        biases ``[out]``) of global physical expert ``expert_id``, or every
+        expert's (``[E, out, in]`` or transformers 5's ``[E, in, out]``, with
+        ``expert_id=None``). Experts on other ranks are skipped: returns False
+        then (True when loaded) if ``return_success``, else None.
+        """
+        with torch.no_grad():
+            ok = _weights.load_expert_weight(self, param, loaded_weight, weight_name, shard_id,
+                                             expert_id)
+        return ok if return_success else None
+
+    @classmethod
+    def make_expert_params_mapping(cls, ckpt_gate_proj_name: str, ckpt_down_proj_name: str,
+                                   ckpt_up_proj_name: str, num_experts: int,
+                                   num_redundant_experts: int = 0
+                                   ) -> list[tuple[str, str, int, str]]:
+        """``[(param_name, weight_name, expert_id, shard_id)]``, as vLLM's."""
+        return _weights.make_expert_params_mapping(ckpt_gate_proj_name, ckpt_down_proj_name,
+                                                   ckpt_up_proj_name, num_experts,
+                                                   num_redundant_experts)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads the tensors named ``{prefix}.<expert tensor>`` (see
+        fused_moe.weights); returns the parameter names loaded."""
+        return _weights.load_layer_weights(self, weights, self.prefix)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"activation={self.activation!r}, tp={self.tp_rank}/{self.tp_size}, "
+                f"ep={self.ep_rank}/{self.ep_size}, local_num_experts={self.local_num_experts}")
+
+
+def _to(t, device):
+    return None if t is None else t.to(device)
+
+
+def _check_sizes(num_experts, top_k, hidden_size, intermediate_size):
+    for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k!r}: expected an int in [1, num_experts={num_experts}]")
+
+
+def _check_routing(num_experts, top_k, use_grouped_topk, num_expert_group, topk_group,
+                   custom_routing_function, scoring_func, e_score_correction_bias,
+                   apply_router_weight_on_input):
+    if scoring_func not in SCORING_FUNCS:
+        raise ValueError(f"scoring_func={scoring_func!r}: expected one of {SCORING_FUNCS}")
+    if use_grouped_topk:
+        _check_groups(num_experts, top_k, num_expert_group, topk_group)
+    elif num_expert_group is not None or topk_group is not None:
+        raise ValueError(f"num_expert_group={num_expert_group}, topk_group={topk_group}: "
+                         "expected None unless use_grouped_topk=True")
+    if custom_routing_function is not None and not callable(custom_routing_function):
+        raise ValueError(f"custom_routing_function={custom_routing_function!r}: expected a "
+                         "callable (hidden_states, router_logits, top_k, renormalize) -> "
+                         "(weights, ids)")
+    bias = e_score_correction_bias
+    if bias is not None and tuple(bias.shape) != (num_experts,):
+        raise ValueError(f"e_score_correction_bias has shape {list(bias.shape)}: expected "
+                         f"[num_experts] = [{num_experts}]")
+    if apply_router_weight_on_input and top_k != 1:
+        raise ValueError(f"apply_router_weight_on_input=True with top_k={top_k}: expected "
+                         "top_k=1")
+
+
+def _check_groups(num_experts, top_k, num_expert_group, topk_group):
+    if not isinstance(num_expert_group, int) or num_expert_group < 1 \
+            or num_experts % num_expert_group:
+        raise ValueError(f"num_expert_group={num_expert_group!r}: expected a divisor of "
+                         f"num_experts={num_experts} with use_grouped_topk=True")
+    if not isinstance(topk_group, int) or not 1 <= topk_group <= num_expert_group:
+        raise ValueError(f"topk_group={topk_group!r}: expected an int in "
+                         f"[1, num_expert_group={num_expert_group}]")
+    if top_k > topk_group * (num_experts // num_expert_group):
+        raise ValueError(f"top_k={top_k}: expected at most topk_group * experts per group = "
+                         f"{topk_group * (num_experts // num_expert_group)}")
+
+
+def _check_activation(activation, is_act_and_mul):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")
+    if activation == "swigluoai" and not is_act_and_mul:
+        raise ValueError("activation='swigluoai' with is_act_and_mul=False: expected "
+                         "is_act_and_mul=True (swigluoai is gated)")
