@@ -3,7 +3,8 @@
 Environment: FUSED_MOE_CUDA=0/1 forces the CUDA build off/on (default: on when
 nvcc is found), TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"), MAX_JOBS,
 FUSED_MOE_CUTLASS_DIR (a CUTLASS checkout instead of the nvidia-cutlass wheel),
-FUSED_MOE_BUILD_TYPE (default Release).
+FUSED_MOE_BUILD_TYPE (default Release), FUSED_MOE_BUILD_DIR (a CMake build
+folder to reuse across builds, e.g. for incremental wheels).
 """
 
 import os
@@ -19,7 +20,7 @@ ROOT = Path(__file__).parent.resolve()
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir = Path(os.environ.get("FUSED_MOE_BUILD_DIR") or Path(self.build_temp) / "cmake").resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         out_file = Path(self.get_ext_fullpath(ext.name)).resolve()
         config = os.environ.get("FUSED_MOE_BUILD_TYPE", "Release")

@@ -25,12 +25,18 @@ def assert_close(out, ref, dtype):
 def random_moe(num_experts, hidden, inter, dtype, device="cpu", gated=True, bias=False, gen=None):
     """Weights as PERF.md draws them: w13 ~ N(0,1)/sqrt(H), w2 ~ N(0,1)/sqrt(I)."""
     rows = 2 * inter if gated else inter
-    w13 = torch.randn(num_experts, rows, hidden, generator=gen) / hidden**0.5
-    w2 = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5
-    out = {"w13": w13.to(dtype).to(device), "w2": w2.to(dtype).to(device)}
+    # Drawn on the target device (DeepSeek-V3's experts are 45 GB in fp32),
+    # unless a CPU generator is given.
+    where = dict(generator=gen) if gen is not None else dict(device=device)
+
+    def draw(*shape, scale):
+        return (torch.randn(*shape, **where) * scale).to(dtype).to(device)
+
+    out = {"w13": draw(num_experts, rows, hidden, scale=hidden**-0.5),
+           "w2": draw(num_experts, hidden, inter, scale=inter**-0.5)}
     if bias:
-        out["w13_bias"] = (0.1 * torch.randn(num_experts, rows, generator=gen)).to(dtype).to(device)
-        out["w2_bias"] = (0.1 * torch.randn(num_experts, hidden, generator=gen)).to(dtype).to(device)
+        out["w13_bias"] = draw(num_experts, rows, scale=0.1)
+        out["w2_bias"] = draw(num_experts, hidden, scale=0.1)
     return out
 
 

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
-PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+import fused_moe
+
+# The folder the tests imported fused_moe from (installed, or a source tree on
+# PYTHONPATH), so the command line runs the same build.
+PACKAGE_PARENT = Path(fused_moe.__file__).resolve().parents[1]
 TINY = ["bench", "--shape", "4,2,32,24", "--tokens", "1,4"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "fused_moe", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 

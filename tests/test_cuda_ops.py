@@ -30,13 +30,25 @@ def topk(logits, k, renormalize=True, scoring="softmax", bias=None, groups=0, to
 
 
 def check_topk(logits, k, **kw):
-    """CUDA ids equal the CPU kernel's, weights within 1e-5; against the
-    reference wherever it picks the same ids (all but float64 near-ties)."""
+    """CUDA ids equal the CPU kernel's, weights within 1e-5, except in rows
+    where two scores are within an ulp (CUDA's expf and glibc's exp may round
+    differently: sigmoid saturates to such near-ties at E=1024); there the
+    chosen scores must still agree. Against the reference wherever it picks
+    the same ids."""
     gw, gi = topk(logits.cuda(), k, **kw)
     cw, ci = topk(logits, k, **kw)
+    gw, gi = gw.cpu(), gi.cpu()
     assert gi.dtype == torch.int32 and gw.dtype == torch.float32
-    assert torch.equal(gi.cpu(), ci)
-    torch.testing.assert_close(gw.cpu(), cw, rtol=1e-5, atol=1e-6, equal_nan=True)
+    differ = (gi != ci).any(dim=1)
+    assert differ.double().mean() <= 0.01
+    if differ.any():
+        scores = torch.sigmoid(logits.double()) if kw.get("scoring") == "sigmoid" \
+            else torch.softmax(logits.double(), -1)
+        if kw.get("bias") is not None:
+            scores = scores + kw["bias"].double()
+        torch.testing.assert_close(scores[differ].gather(1, gi[differ].long()),
+                                   scores[differ].gather(1, ci[differ].long()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(gw[~differ], cw[~differ], rtol=1e-5, atol=1e-6, equal_nan=True)
     rw, ri = reference.fused_topk(
         logits, k, renormalize=kw.get("renormalize", True),
         scoring_func=kw.get("scoring", "softmax"), e_score_correction_bias=kw.get("bias"),

@@ -78,18 +78,21 @@ bool sm90_applies(const GroupedGemmParams& p, const Device& d) {
          aligned16(p.w) && aligned16(p.out) && (p.bias == nullptr || aligned16(p.bias));
 }
 
-// From the average rows per expert: few rows go to the swap-AB tiles, whose
-// narrow side is the rows; many to 128-row tiles, the 128x256 one only while it
-// still gives each SM a couple of tiles. Untuned first guesses: retune the
-// thresholds from benchmarks/bench_gemm.py (it prints the best per point).
+// From the average rows per expert, tuned on an H200 with
+// benchmarks/bench_gemm.py over the PERF.md shapes (2026-11-29): the swap-AB
+// tile whose narrow side holds a typical expert's rows (mean + ~3 sigma of a
+// Poisson count) reads each weight once; past ~48 rows the 128x256
+// cooperative tile wins at every shape measured.
 const sm90::Config& heuristic(const GroupedGemmParams& p, const Device& d) {
   const double rows_per_expert = double(p.rows) / p.num_experts;
-  if (rows_per_expert <= 16) return sm90::swap_128x16x128;
-  if (rows_per_expert <= 32) return sm90::swap_128x32x128;
-  if (rows_per_expert <= 64) return sm90::swap_128x64x64;
-  const int64_t large_tiles = (p.rows / 128) * ((p.n + 255) / 256);
-  if (rows_per_expert >= 256 && large_tiles >= 2 * d.sm_count) return sm90::coop_128x256x64;
-  return sm90::pingpong_128x128x64;
+  if (rows_per_expert <= 10) {
+    const int64_t experts_used = std::min<int64_t>(p.rows, p.num_experts);
+    const bool few_tiles = experts_used * ((p.n + 127) / 128) < d.sm_count;
+    return few_tiles ? sm90::swap_64x16x128 : sm90::swap_128x16x128;
+  }
+  if (rows_per_expert <= 24) return sm90::swap_128x32x128;
+  if (rows_per_expert <= 48) return sm90::swap_128x64x64;
+  return sm90::coop_128x256x64;
 }
 
 // The sm90 configuration to run, or null for the fallback.

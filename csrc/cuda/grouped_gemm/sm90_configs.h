@@ -22,15 +22,15 @@ struct Config {
 
 // swap_*: out^T = w[e] a_e^T, the weights on the MMA's M side, for few rows
 // per expert (the rows only fill the narrow N side of the tile).
+extern const Config swap_64x16x128;
 extern const Config swap_128x16x128;
 extern const Config swap_128x32x128;
 extern const Config swap_128x64x64;
 // Plain out = a_e w[e]^T for many rows per expert.
-extern const Config pingpong_128x128x64;
 extern const Config coop_128x256x64;
 
 inline const Config* const kConfigs[] = {
-    &swap_128x16x128, &swap_128x32x128, &swap_128x64x64, &pingpong_128x128x64, &coop_128x256x64,
+    &swap_64x16x128, &swap_128x16x128, &swap_128x32x128, &swap_128x64x64, &coop_128x256x64,
 };
 
 }  // namespace fused_moe::cuda::sm90
