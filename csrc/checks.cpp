@@ -54,4 +54,12 @@ void Arg::same_device(const Tensor& ref, const char* ref_name) const {
                   t.is_cuda() ? "cuda:" + std::to_string(t.get_device_index()) : "cpu");
 }
 
+void Arg::expect(std::initializer_list<ScalarType> dtypes, std::initializer_list<int64_t> sizes,
+                 const Tensor* ref, const char* ref_name) const {
+  dtype_in(dtypes);
+  shape_is(sizes);
+  contiguous();
+  if (ref) same_device(*ref, ref_name);
+}
+
 }  // namespace fused_moe

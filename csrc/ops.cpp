@@ -98,21 +98,16 @@ std::tuple<Tensor, Tensor> topk(const Tensor& gating_output, int64_t topk, bool 
                                 double routed_scaling_factor) {
   const char* op = "fused_moe.topk";
   const Tensor& t = gating_output;
-  Arg{op, "gating_output", t}.dtype_in({ScalarType::Float, ScalarType::BFloat16,
-                                         ScalarType::Half, ScalarType::Double});
-  Arg{op, "gating_output", t}.shape_is({-1, -1});
-  Arg{op, "gating_output", t}.contiguous();
+  Arg{op, "gating_output", t}.expect({ScalarType::Float, ScalarType::BFloat16, ScalarType::Half,
+                                      ScalarType::Double}, {-1, -1});
   const int64_t m = t.size(0), e = t.size(1);
   FUSED_MOE_CHECK(e >= 1, op, ": gating_output must have at least one expert column, got shape ",
                   shape_str(t));
   FUSED_MOE_CHECK(topk >= 1 && topk <= e, op, ": topk must be in [1, num_experts=", e,
                   "], got ", topk);
   if (bias) {
-    Arg b{op, "e_score_correction_bias", *bias};
-    b.dtype_is(ScalarType::Float);
-    b.shape_is({e});
-    b.contiguous();
-    b.same_device(t, "gating_output");
+    Arg{op, "e_score_correction_bias", *bias}.expect({ScalarType::Float}, {e}, &t,
+                                                     "gating_output");
   }
   if (num_expert_group > 0) {
     FUSED_MOE_CHECK(e % num_expert_group == 0, op, ": num_expert_group=", num_expert_group,
@@ -152,26 +147,15 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
                                            OptTensor row_weights) {
   const char* op = "fused_moe.permute";
   const Tensor& t = hidden_states;
-  Arg x{op, "hidden_states", t};
-  x.dtype_in(kFloats);
-  x.shape_is({-1, -1});
-  x.contiguous();
+  Arg{op, "hidden_states", t}.expect(kFloats, {-1, -1});
   const int64_t m = t.size(0), h = t.size(1);
-  Arg ids{op, "topk_ids", topk_ids};
-  ids.dtype_is(ScalarType::Int);
-  ids.shape_is({m, -1});
-  ids.contiguous();
-  ids.same_device(t, "hidden_states");
+  Arg{op, "topk_ids", topk_ids}.expect({ScalarType::Int}, {m, -1}, &t, "hidden_states");
   const int64_t k = topk_ids.size(1);
   FUSED_MOE_CHECK(num_local_experts >= 1, op, ": num_local_experts must be >= 1, got ",
                   num_local_experts);
   int64_t num_experts = num_local_experts;
   if (expert_map) {
-    Arg em{op, "expert_map", *expert_map};
-    em.dtype_is(ScalarType::Int);
-    em.shape_is({-1});
-    em.contiguous();
-    em.same_device(t, "hidden_states");
+    Arg{op, "expert_map", *expert_map}.expect({ScalarType::Int}, {-1}, &t, "hidden_states");
     num_experts = expert_map->size(0);
     if (!t.is_cuda()) {  // on the GPU, entries outside [0, E_local) count as remote
       const int32_t* map = ptr<const int32_t>(*expert_map);
@@ -182,11 +166,8 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
     }
   }
   if (row_weights) {
-    Arg w{op, "row_weights", *row_weights};
-    w.dtype_is(ScalarType::Float);
-    w.shape_is({m, k});
-    w.contiguous();
-    w.same_device(t, "hidden_states");
+    Arg{op, "row_weights", *row_weights}.expect({ScalarType::Float}, {m, k}, &t,
+                                                "hidden_states");
   }
   check_ids_in_range(op, topk_ids, num_experts);
 
@@ -217,28 +198,13 @@ Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offse
                     OptTensor bias) {
   const char* op = "fused_moe.grouped_gemm";
   const Tensor& t = a;
-  Arg aa{op, "a", a};
-  aa.dtype_in(kFloats);
-  aa.shape_is({-1, -1});
-  aa.contiguous();
+  Arg{op, "a", a}.expect(kFloats, {-1, -1});
   const int64_t rows = a.size(0), k = a.size(1);
-  Arg ww{op, "w", w};
-  ww.dtype_is(a.scalar_type());
-  ww.shape_is({-1, -1, k});
-  ww.contiguous();
-  ww.same_device(a, "a");
+  Arg{op, "w", w}.expect({a.scalar_type()}, {-1, -1, k}, &a, "a");
   const int64_t e = w.size(0), n = w.size(1);
-  Arg off{op, "expert_offsets", expert_offsets};
-  off.dtype_is(ScalarType::Int);
-  off.shape_is({e + 1});
-  off.contiguous();
-  off.same_device(a, "a");
+  Arg{op, "expert_offsets", expert_offsets}.expect({ScalarType::Int}, {e + 1}, &a, "a");
   if (bias) {
-    Arg b{op, "bias", *bias};
-    b.dtype_is(a.scalar_type());
-    b.shape_is({e, n});
-    b.contiguous();
-    b.same_device(a, "a");
+    Arg{op, "bias", *bias}.expect({a.scalar_type()}, {e, n}, &a, "a");
   }
   if (!a.is_cuda()) {  // cheap on the CPU; the CUDA kernels clamp instead
     const int32_t* o = ptr<const int32_t>(expert_offsets);
@@ -270,10 +236,7 @@ Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offse
 Tensor activation(const Tensor& x, std::string activation, bool is_act_and_mul) {
   const char* op = "fused_moe.activation";
   const Tensor& t = x;
-  Arg xx{op, "x", x};
-  xx.dtype_in(kFloats);
-  xx.shape_is({-1, -1});
-  xx.contiguous();
+  Arg{op, "x", x}.expect(kFloats, {-1, -1});
   const int64_t rows = x.size(0), cols = x.size(1);
   FUSED_MOE_CHECK(!is_act_and_mul || cols % 2 == 0, op,
                   ": x must have an even number of columns (gate and up) when is_act_and_mul, got ",
@@ -295,22 +258,11 @@ Tensor activation(const Tensor& x, std::string activation, bool is_act_and_mul) 
 Tensor unpermute(const Tensor& y, const Tensor& inv_index, OptTensor topk_weights) {
   const char* op = "fused_moe.unpermute";
   const Tensor& t = y;
-  Arg yy{op, "y", y};
-  yy.dtype_in(kFloats);
-  yy.shape_is({-1, -1});
-  yy.contiguous();
-  Arg inv{op, "inv_index", inv_index};
-  inv.dtype_is(ScalarType::Int);
-  inv.shape_is({-1, -1});
-  inv.contiguous();
-  inv.same_device(y, "y");
+  Arg{op, "y", y}.expect(kFloats, {-1, -1});
+  Arg{op, "inv_index", inv_index}.expect({ScalarType::Int}, {-1, -1}, &y, "y");
   const int64_t m = inv_index.size(0), k = inv_index.size(1), h = y.size(1);
   if (topk_weights) {
-    Arg w{op, "topk_weights", *topk_weights};
-    w.dtype_is(ScalarType::Float);
-    w.shape_is({m, k});
-    w.contiguous();
-    w.same_device(y, "y");
+    Arg{op, "topk_weights", *topk_weights}.expect({ScalarType::Float}, {m, k}, &y, "y");
   }
   if (!y.is_cuda()) {
     const int32_t* p = ptr<const int32_t>(inv_index);
@@ -340,26 +292,16 @@ Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tenso
                      OptTensor expert_map, int64_t global_num_experts,
                      bool apply_router_weight_on_input) {
   const char* op = "fused_moe.fused_experts";
-  Arg x{op, "hidden_states", hidden_states};
-  x.dtype_in(kFloats);
-  x.shape_is({-1, -1});
-  x.contiguous();
+  Arg{op, "hidden_states", hidden_states}.expect(kFloats, {-1, -1});
   const int64_t m = hidden_states.size(0), h = hidden_states.size(1);
-  Arg a13{op, "w13", w13};
-  a13.dtype_is(hidden_states.scalar_type());
-  a13.shape_is({-1, -1, h});
-  a13.contiguous();
-  a13.same_device(hidden_states, "hidden_states");
+  const ScalarType dtype = hidden_states.scalar_type();
+  Arg{op, "w13", w13}.expect({dtype}, {-1, -1, h}, &hidden_states, "hidden_states");
   const int64_t e_local = w13.size(0);
   const int64_t inter = is_act_and_mul ? w13.size(1) / 2 : w13.size(1);
   FUSED_MOE_CHECK(!is_act_and_mul || w13.size(1) % 2 == 0, op,
                   ": w13 must have 2 * intermediate_size rows when is_act_and_mul, got shape ",
                   shape_str(w13));
-  Arg a2{op, "w2", w2};
-  a2.dtype_is(hidden_states.scalar_type());
-  a2.shape_is({e_local, h, inter});
-  a2.contiguous();
-  a2.same_device(hidden_states, "hidden_states");
+  Arg{op, "w2", w2}.expect({dtype}, {e_local, h, inter}, &hidden_states, "hidden_states");
   Arg tw{op, "topk_weights", topk_weights};
   tw.dtype_is(ScalarType::Float);
   tw.shape_is({m, -1});
