@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (the `device` tool, carrying .whl/ with a wheel
-# built by `pip wheel . -w .whl --no-deps`): install that wheel, then run the
-# tests and/or benchmarks; logs and JSON land in $OUT.
-#   bash benchmarks/gpu_run.sh tests|bench|all [pytest args...]
+# The GPU session behind benchmarks/RESULTS.md, as one command for the lent
+# machine (the `device` tool, carrying .whl/ with a wheel built on the CPU
+# machine by `pip wheel --no-deps . -w .whl`): install that wheel, benchmark,
+# test, run the sanitizers; logs and JSON land in $OUT.
+#   bash benchmarks/gpu_run.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/fused_moe_out}"
+log="$out/run.log"
 mkdir -p "$out"
-stage="${1:-all}"
-shift || true
 
-python3 -m pip install -q --no-index --no-deps --force-reinstall .whl/fused_moe-*.whl || exit 1
-python3 -m fused_moe info 2>&1 | tee "$out/info.txt"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv >> "$out/info.txt"
+python3 -m pip install -q --no-index --no-deps .whl/fused_moe-*.whl >>"$log" 2>&1 || exit 1
+(cd /tmp && python3 -c "import fused_moe, torch; print(torch.ops.fused_moe)") >>"$log" 2>&1
+python3 -m fused_moe info >>"$log" 2>&1
 
-if [[ "$stage" == tests || "$stage" == all ]]; then
-  python3 -m pytest -q -rfE "${@:-tests}" 2>&1 | tee "$out/tests.log" | tail -40
-fi
-if [[ "$stage" == bench || "$stage" == all ]]; then
-  python3 benchmarks/bench_moe.py --json "$out/bench_moe.json" 2>&1 | tee "$out/bench_moe.log"
-  python3 benchmarks/bench_ops.py --json "$out/bench_ops.json" 2>&1 | tee "$out/bench_ops.log" | tail -30
-fi
+timeout 60 python3 benchmarks/bench_moe.py --impls fused_moe,grouped_mm \
+  --json "$out/bench_moe.json" >>"$log" 2>&1
+timeout 25 python3 benchmarks/bench_gemm.py --ms 1,8 --replays 20 --json "$out/bench_gemm.json" >>"$log" 2>&1
+timeout 60 python3 benchmarks/bench_ops.py --json "$out/bench_ops.json" >>"$log" 2>&1
+timeout 75 python3 benchmarks/bench_generate.py --json "$out/generate.json" >>"$log" 2>&1
+
+timeout 290 python3 -m pytest -n 12 -q -p no:cacheprovider -p no:benchmark -rfE tests \
+  >"$out/tests.log" 2>&1
+
+san="$out/sanitizer.log"
+ops_subset="unaligned or empty_batch or graph_replay or out_of_range or
+  (test_permute and 128-8-2048 and remote) or (test_unpermute and 256-32-4100) or
+  (test_activation and 5-2050)"
+timeout 85 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q \
+  -p no:cacheprovider -p no:benchmark tests/test_cuda_ops.py -k "$ops_subset" >"$san" 2>&1
+echo "memcheck rc=$?" >>"$san"
+timeout 45 compute-sanitizer --tool racecheck --error-exitcode 3 python3 -m pytest -q \
+  -p no:cacheprovider -p no:benchmark tests/test_cuda_ops.py \
+  -k "(test_topk_grouped and 256-8-8-4) or (test_permute and 128-8-2048 and remote and True-True)" \
+  >>"$san" 2>&1
+echo "racecheck rc=$?" >>"$san"
+tail -3 "$out/tests.log" "$san"
