@@ -3,6 +3,9 @@ activation, shared experts, tensor and expert parallelism emulated in one
 process (every rank's layer from the same full checkpoint, outputs summed),
 EPLB replicas and load counts, and the configuration errors."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -124,10 +127,25 @@ def test_parameters_are_frozen_and_carry_their_loader():
     shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
     assert shapes == {"w13_weight": (4, I, H), "w2_weight": (4, H, I // 2),
                       "w13_bias": (4, I), "w2_bias": (4, H)}
+    calls = []
+    layer.weight_loader = lambda *args, **kwargs: calls.append(args)  # the param calls the layer's
     for p in layer.parameters():
-        assert not p.requires_grad and p.weight_loader == layer.weight_loader
+        assert not p.requires_grad
+        p.weight_loader(p, "tensor", "name", "w1", 3)
+        assert calls.pop() == (p, "tensor", "name", "w1", 3)
     assert FusedMoE(E, K, H, I, is_act_and_mul=False).w13_weight.shape == (E, I, H)
     assert FusedMoE(E, K, H, I).w13_bias is None
+
+
+def test_layer_is_freed_without_the_garbage_collector():
+    # Parameters point back to the layer only weakly: no cycle keeps its
+    # (GPU) memory and process group alive after the last reference goes.
+    gc.disable()
+    try:
+        layer = weakref.ref(FusedMoE(E, K, H, I, has_bias=True))
+        assert layer() is None
+    finally:
+        gc.enable()
 
 
 # --- tensor and expert parallelism, emulated in one process --------------------------

@@ -4,6 +4,7 @@ checkpoint loading."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -174,7 +175,11 @@ class FusedMoE(torch.nn.Module):
 
     def _param(self, data):
         param = torch.nn.Parameter(data, requires_grad=False)
-        param.weight_loader = self.weight_loader
+        # Through a weak reference: a bound method here would make a cycle
+        # (layer -> param -> layer) that keeps the layer's GPU memory and
+        # process group alive until the garbage collector runs.
+        layer = weakref.ref(self)
+        param.weight_loader = lambda *args, **kwargs: layer().weight_loader(*args, **kwargs)
         return param
 
     # --- forward ------------------------------------------------------------------
