@@ -39,14 +39,14 @@ def with_config(config, fn):
 def bench_point(a, w, offsets, configs, replays, flush):
     """{name: microseconds}, and the names whose output disagrees with torch."""
     times, wrong = {}, []
-    times[TORCH], ref = bench._time_graph(
+    times[TORCH], ref = bench.time_graph(
         lambda: torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets[1:]), flush, replays)
     ref = ref.float()
     for config in configs:
         fn = lambda: torch.ops.fused_moe.grouped_gemm(a, w, offsets, None)  # noqa: E731
         if config != "default":
             fn = with_config(config, fn)
-        times[config], out = bench._time_graph(fn, flush, replays)
+        times[config], out = bench.time_graph(fn, flush, replays)
         if ((out.float() - ref).norm() / ref.norm()).item() > 1e-2:
             wrong.append(config)
     return times, wrong

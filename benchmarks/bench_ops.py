@@ -13,12 +13,11 @@ must read and write (inputs once, outputs once; no scratch) / time.
 import argparse
 import datetime
 import json
-import statistics
 import sys
 
 import torch
 
-import fused_moe  # noqa: F401  (registers torch.ops.fused_moe)
+from fused_moe import bench  # the graph-replay timer and the copy ceiling
 
 ops = torch.ops.fused_moe
 
@@ -33,44 +32,6 @@ SHAPES = {
 }
 TOKENS = [1, 64, 4096, 32768]
 BF16 = 2
-
-
-def time_replay(fn, iters, flush):
-    """Median microseconds of one CUDA-graph replay of fn, L2 flushed before each."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up off the capturing stream
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(iters)]
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def copy_gbps(iters):
-    """Device-to-device copy of 1 GiB, read + write bytes per second / 1e9."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        dst.copy_(src)
-        end.record()
-    torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in events)
-    return 2 * src.numel() / ms / 1e6
 
 
 def cases(num_experts, k, hidden, inter, act, routing, m):
@@ -113,15 +74,15 @@ def main():
         parser.error(f"unknown shapes {sorted(unknown)}")
 
     card = torch.cuda.get_device_name()
-    copy = copy_gbps(args.iters)
+    copy = bench.copy_gbps()
     print(f"{card}: device-to-device copy {copy:.0f} GB/s (read + write)")
     print(f"{'shape':<16} {'M':>6} {'op':<11} {'us':>9} {'GB/s':>7} {'of copy':>8}")
-    flush = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.empty(bench.FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     results = []
     for name in args.shapes.split(","):
         for m in map(int, args.tokens.split(",")):
             for op, fn, nbytes in cases(*SHAPES[name], m):
-                us = time_replay(fn, args.iters, flush)
+                us, _ = bench.time_graph(fn, flush, args.iters)
                 gbps = nbytes / us / 1e3
                 results.append({"shape": name, "tokens": m, "op": op, "us": us, "bytes": nbytes,
                                 "gbps": gbps, "copy_fraction": gbps / copy})

@@ -55,14 +55,18 @@ class Ceilings:
 
 def measure_ceilings(device: torch.device | str = "cuda") -> Ceilings:
     """The card's copy bandwidth and dense bf16 matmul rate, measured now."""
-    src = torch.ones(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_us = _median_event_us(lambda: dst.copy_(src), reps=20)
-    del src, dst
+    copy = copy_gbps(device)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     mm_us = _median_event_us(lambda: a @ b, reps=20)
-    return Ceilings(copy_gbps=2 * (1 << 30) / copy_us / 1e3, matmul_tflops=2 * 8192**3 / mm_us / 1e6)
+    return Ceilings(copy_gbps=copy, matmul_tflops=2 * 8192**3 / mm_us / 1e6)
+
+
+def copy_gbps(device: torch.device | str = "cuda") -> float:
+    """A 1 GiB device-to-device copy: bytes read + written per second / 1e9."""
+    src = torch.ones(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / _median_event_us(lambda: dst.copy_(src), reps=20) / 1e3
 
 
 def _median_event_us(fn, reps: int, warmup: int = 3) -> float:
@@ -159,8 +163,9 @@ def bytes_moved(topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, x: 
 # --- timing -------------------------------------------------------------------------
 
 
-def _time_graph(fn, flush: torch.Tensor, replays: int):
-    """(median us of graph replays, the graph's output)."""
+def time_graph(fn, flush: torch.Tensor, replays: int):
+    """(median us of replays of fn captured in a CUDA graph, L2 flushed before
+    each; a copy of fn's output when it returns one tensor)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up off the capture: lazy inits, workspaces
@@ -170,7 +175,8 @@ def _time_graph(fn, flush: torch.Tensor, replays: int):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
-    return _median_flushed_us(graph.replay, flush, replays), out.clone()
+    return _median_flushed_us(graph.replay, flush, replays), (
+        out.clone() if isinstance(out, torch.Tensor) else None)
 
 
 def _time_eager(fn, flush: torch.Tensor, replays: int):
@@ -236,7 +242,7 @@ def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | Non
         if device.type != "cuda":
             us, out = _time_cpu(lambda: fn(*args), CPU_REPS)
         elif graphed:
-            us, out = _time_graph(lambda: fn(*args), flush, replays)
+            us, out = time_graph(lambda: fn(*args), flush, replays)
         else:
             us, out = _time_eager(lambda: fn(*args), flush, replays)
         diff = _rel_diff(out, reference)

@@ -17,8 +17,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "kernels.h"
-#include "cuda/kernels.h"
+#include "cuda/common.cuh"
 #ifdef FUSED_MOE_SM90  // sm_90a is in the arch list: the sm90_*.cu files are built
 #include "cuda/grouped_gemm/sm90_configs.h"
 #endif
@@ -45,31 +44,23 @@ struct Device {
   bool sm90;  // compute capability exactly 9.0: sm_90a code runs nowhere else
 };
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fused_moe grouped_gemm: ") + what + ": " + cudaGetErrorString(err));
-  }
-}
-
 // Queried once per device: this runs on every forward.
 const Device& current_device() {
   int id = 0;
-  check_cuda(cudaGetDevice(&id), "cudaGetDevice");
+  check_cuda(cudaGetDevice(&id), "grouped_gemm: cudaGetDevice");
   static std::mutex mutex;
   static std::unordered_map<int, Device> cache;  // element references stay valid
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(id);
   if (it == cache.end()) {
     int sms = 0, major = 0, minor = 0;
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, id), "SM count");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, id), "compute capability");
-    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, id), "compute capability");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, id), "grouped_gemm: SM count");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, id), "grouped_gemm: compute capability");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, id), "grouped_gemm: compute capability");
     it = cache.emplace(id, Device{sms, major == 9 && minor == 0}).first;
   }
   return it->second;
 }
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // What the sm90 kernels need: TMA wants 16-byte aligned bases and rows.
 bool sm90_applies(const GroupedGemmParams& p, const Device& d) {

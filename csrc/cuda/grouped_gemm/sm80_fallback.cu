@@ -14,7 +14,7 @@
 #include <cutlass/bfloat16.h>
 #include <cutlass/half.h>
 
-#include "kernels.h"
+#include "cuda/common.cuh"
 
 namespace fused_moe::cuda {
 namespace {
@@ -26,10 +26,8 @@ constexpr int kBN = 128;  // rows of w[e] = columns of out
 constexpr int kBK = 32;
 constexpr int kThreads = 128;
 
-// 16-byte vectors; each smem row is padded by one vector so that the MMA's
-// fragment reads of eight consecutive rows fall in distinct banks.
-template <class T>
-constexpr int kVec = 16 / sizeof(T);
+// Each smem row is padded by one 16-byte vector so that the MMA's fragment
+// reads of eight consecutive rows fall in distinct banks.
 template <class T>
 constexpr int kLd = kBK + kVec<T>;
 
@@ -185,8 +183,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmParam
 template <class T>
 void launch(const GroupedGemmParams& p, cudaStream_t stream) {
   // 16-byte loads need K in whole vectors and 16-byte aligned bases.
-  const bool vectors = p.k % kVec<T> == 0 && reinterpret_cast<uintptr_t>(p.a) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
+  const bool vectors = p.k % kVec<T> == 0 && aligned16(p.a) && aligned16(p.w);
   // sum_e ceil(rows_e / kBM) + ceil(tail / kBM) <= R / kBM + E + 1 tiles.
   const dim3 grid(static_cast<unsigned>(p.rows / kBM + p.num_experts + 1),
                   static_cast<unsigned>((p.n + kBN - 1) / kBN));
@@ -203,13 +200,9 @@ void grouped_gemm_fallback(const GroupedGemmParams& p, cudaStream_t stream) {
   } else if (p.dtype == ScalarType::Float) {
     launch<float>(p, stream);
   } else {
-    throw std::runtime_error("fused_moe grouped_gemm: dtype must be bfloat16, float16 or float32");
+    fail("grouped_gemm: dtype must be bfloat16, float16 or float32");
   }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fused_moe grouped_gemm (fallback): launch failed: ") +
-                             cudaGetErrorString(err));
-  }
+  check_launch("grouped_gemm (fallback)");
 }
 
 }  // namespace fused_moe::cuda

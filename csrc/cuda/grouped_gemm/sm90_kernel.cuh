@@ -29,6 +29,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
+#include "cuda/common.cuh"
 #include "cuda/grouped_gemm/sm90_configs.h"
 
 namespace fused_moe::cuda::sm90 {
@@ -181,9 +182,8 @@ __global__ void build_groups(typename G::Groups g, const Element* a, const Eleme
     g.d[e] = out + begin * n;
     if (bias) g.bias[e] = bias + e * n;
   }
-  constexpr int kPerVec = 16 / sizeof(Element);
   const int64_t tail = min(max(int64_t(off[num_groups]), int64_t(0)), rows);
-  for (int64_t i = tail * n / kPerVec + first; i < rows * n / kPerVec; i += step) {
+  for (int64_t i = tail * n / kVec<Element> + first; i < rows * n / kVec<Element>; i += step) {
     reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
   }
 }
@@ -195,14 +195,6 @@ inline void check(cutlass::Status status, const char* config, const char* step) 
   }
 }
 
-inline void check_launch(const char* config, const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fused_moe grouped_gemm (sm90 ") + config + "): launching " +
-                             what + " failed: " + cudaGetErrorString(err));
-  }
-}
-
 template <class G, class Element>
 void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, int sm_count,
                cudaStream_t stream) {
@@ -210,7 +202,7 @@ void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, 
   const typename G::Groups groups = G::carve(carver, p.num_experts);
   void* cutlass_workspace = static_cast<char*>(workspace) + carver.used;
 
-  const int64_t vectors = p.rows * p.n / (16 / sizeof(Element));
+  const int64_t vectors = p.rows * p.n / kVec<Element>;
   const int threads = 256;
   const int64_t blocks = std::max<int64_t>(
       std::min<int64_t>((vectors + threads - 1) / threads, sm_count),
@@ -219,14 +211,14 @@ void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, 
       groups, static_cast<const Element*>(p.a), static_cast<const Element*>(p.w),
       static_cast<const Element*>(p.bias), static_cast<Element*>(p.out), p.expert_offsets,
       p.num_experts, p.rows, static_cast<int>(p.n), static_cast<int>(p.k));
-  check_launch(config, "build_groups");
+  check_launch("grouped_gemm (sm90): build_groups");
 
   const auto args = G::arguments(groups, p.num_experts, p.bias != nullptr, sm_count);
   typename G::Gemm gemm;
   check(gemm.can_implement(args), config, "can_implement");
   check(gemm.initialize(args, cutlass_workspace, stream), config, "initialize");
   check(gemm.run(stream), config, "run");
-  check_launch(config, "the GEMM");
+  check_launch("grouped_gemm (sm90): the GEMM");
 }
 
 // Spec: kName, TileShape, ClusterShape, kSchedule, kSwapAB.
