@@ -3,9 +3,11 @@
 //
 // Permute sorts the slots s = t*K + k by (bin, s), where a slot's bin is its
 // local expert, or E_local for every slot not computed here (those take the
-// zero rows at the end of `out`). Three launches, no atomics in the results:
+// zero rows at the end of `out`). Three launches (two when one chunk holds
+// every slot), no atomics in the results:
 //   count_ranks: one warp per chunk of slots, in slot order: each slot's rank
-//                among the chunk's slots of its bin, and the chunk's bin counts;
+//                among the chunk's slots of its bin, and the chunk's bin counts
+//                (with a single chunk, also the expert offsets);
 //   scan_counts: one block per bin scans its counts over the chunks; the last
 //                block to finish scans the bin totals into expert_offsets;
 //   scatter:     one warp per (token, slice of the row): destination rows of
@@ -122,7 +124,28 @@ __global__ void count_ranks_kernel(PermuteParams p, Layout l, int32_t* ranks, in
       __syncwarp();
     }
   }
-  for (int b = lane; b < l.bins; b += 32) counts[b * l.chunks + chunk] = hist[b];
+  if (l.chunks > 1) {
+    for (int b = lane; b < l.bins; b += 32) counts[b * l.chunks + chunk] = hist[b];
+    return;
+  }
+  // The only chunk (decode-sized batches): its counts are the bin totals, so
+  // this warp scans them into expert_offsets and scan_counts is not launched.
+  int carry = 0;
+  for (int b0 = 0; b0 < l.bins; b0 += 32) {
+    const int b = b0 + lane;
+    const int v = b < l.bins ? hist[b] : 0;
+    int inclusive = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int u = __shfl_up_sync(kFullMask, inclusive, o);
+      if (lane >= o) inclusive += u;
+    }
+    if (b < l.bins) {
+      p.expert_offsets[b] = carry + inclusive - v;
+      counts[b] = 0;  // the exclusive scan over one chunk
+    }
+    carry += __shfl_sync(kFullMask, inclusive, 31);
+  }
 }
 
 // Exclusive scan of in[0, n) into out (may alias) by the whole block; every
@@ -391,9 +414,11 @@ void permute(const PermuteParams& p, void* workspace, cudaStream_t stream) {
                        stream>>>(p, l, ranks, counts, done);
   check_launch("permute count_ranks_kernel");
 
-  scan_counts_kernel<<<l.bins, kScanThreads, 0, stream>>>(l, counts, totals, done,
-                                                          p.expert_offsets);
-  check_launch("permute scan_counts_kernel");
+  if (l.chunks > 1) {
+    scan_counts_kernel<<<l.bins, kScanThreads, 0, stream>>>(l, counts, totals, done,
+                                                            p.expert_offsets);
+    check_launch("permute scan_counts_kernel");
+  }
 
   dispatch_float(p.dtype, "permute (CUDA)", [&](auto tag) {
     using T = typename decltype(tag)::type;

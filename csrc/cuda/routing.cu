@@ -1,8 +1,17 @@
-// Top-k routing: one warp per token. Lane l holds the scores of experts
-// [l*N, l*N + N) in registers (N = E/32 rounded up to a power of two), turned
-// into order-preserving integer keys, so every warp-wide argmax is one max and
-// one min reduction. Agrees with cpu/routing.cpp: NaN ranks below every number,
-// ties go to the lower index, and a selection never repeats an expert.
+// Top-k routing. Each token is a segment of L lanes of a warp (L = 8 up to
+// 256 experts, so one warp routes 32 / L tokens at once); lane j of a segment
+// holds the scores of experts [j*N, j*N + N), N = E/L rounded up to a power of
+// two, as order-preserving integer keys. Agrees with cpu/routing.cpp: NaN
+// ranks below every number, ties go to the lower index, and a selection never
+// repeats an expert.
+//
+// Routing reads little memory and is bound by instruction issue and latency:
+// one token per warp spent ~860 warp instructions per token (DeepSeek-V3
+// shape, ncu), most of them in the K argmax rounds and their bookkeeping; with
+// four tokens per warp each round serves all four (~500 per token). Each lane keeps the best key of every block of 8
+// of its keys; a round is a segment max plus a ballot, and only the winning
+// lane of each token rescans one block (from shared memory, where a block can
+// be picked at run time).
 #include <cmath>
 
 #include "cuda/common.cuh"
@@ -10,9 +19,19 @@
 namespace fused_moe::cuda {
 namespace {
 
-constexpr int kWarps = 4;  // tokens per block
+constexpr int kWarps = 4;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
+constexpr int kBlockKeys = 8;  // keys per rescanned block
+
+// Words between two lanes' keys in shared memory: odd, so the 32 lanes'
+// key i fall in 32 different banks.
+template <int N>
+constexpr int kLaneStride = N == 1 ? 1 : N + 1;
+
+// Bias index in shared memory: one word of padding per 32, so the lanes of a
+// warp, reading expert sub*N + i of their token, spread over the banks.
+__host__ __device__ constexpr int padded(int e) { return e + (e >> 5); }
 
 // Keys: larger key = better. Real scores map above kKeyNan, so the reserved
 // values order: nothing (padding, already taken) < dropped group < NaN < numbers.
@@ -26,11 +45,12 @@ enum GroupMode : int {
   kGroupsInSmem = 2,   // any other group size: through shared memory
 };
 
+// Adding +0 turns -0 into +0 (equal numbers must tie); the sign then decides
+// whether the bits are flipped (negative) or just get the top bit (positive).
 __device__ __forceinline__ uint32_t order_key(float f) {
-  if (f != f) return kKeyNan;
-  uint32_t u = __float_as_uint(f);
-  if (u == 0x80000000u) u = 0;  // -0 == +0: equal numbers must tie
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // -inf -> 0x007fffff > kKeyNan
+  const uint32_t u = __float_as_uint(f + 0.0f);
+  const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  return f != f ? kKeyNan : k;  // -inf -> 0x007fffff > kKeyNan
 }
 
 __device__ __forceinline__ float key_value(uint32_t k) {
@@ -40,35 +60,72 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-__device__ __forceinline__ float warp_max(float v) {
+// sigmoid on N values with the same bits as sigmoid(): 1 / y for y = 1 + e^-x
+// in [1, 2^126) is the reciprocal's fast path (one MUFU.RCP and a Newton step,
+// what the compiler emits for that range); the full division runs only for a
+// chunk of 8 where some y is outside it (huge or NaN). Chunks keep few values live.
+template <int N>
+__device__ __forceinline__ void sigmoid_all(float (&s)[N]) {
+  constexpr int C = N < 8 ? N : 8;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
-
-// Butterfly sum: every lane ends with the same bits.
-__device__ __forceinline__ float warp_sum(float v) {
+  for (int c0 = 0; c0 < N; c0 += C) {
+    float y[C];
+    bool slow = false;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+    for (int i = 0; i < C; ++i) {
+      y[i] = 1.0f + expf(-s[c0 + i]);
+      slow |= !(y[i] < 0x1p126f);
+    }
+    if (slow) {
+#pragma unroll
+      for (int i = 0; i < C; ++i) s[c0 + i] = 1.0f / y[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        float r;
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y[i]));
+        s[c0 + i] = fmaf(r, fmaf(-y[i], r, 1.0f), r);
+      }
+    }
+  }
+}
+
+// ---- reductions over the L lanes of one token ------------------------------
+
+template <int L>
+__device__ __forceinline__ float seg_max(float v) {
+#pragma unroll
+  for (int o = L / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o, L));
   return v;
 }
 
-__device__ __forceinline__ uint32_t warp_max_u32(uint32_t v) {
-#if __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(kFullMask, v);
-#else
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o));
+// Butterfly sum: every lane of the segment ends with the same bits.
+template <int L>
+__device__ __forceinline__ float seg_sum(float v) {
+#pragma unroll
+  for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o, L);
   return v;
-#endif
 }
 
-__device__ __forceinline__ uint32_t warp_min_u32(uint32_t v) {
-#if __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(kFullMask, v);
-#else
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-#endif
+// A whole warp has one instruction for it (sm_80 and later, all this builds for).
+template <int L>
+__device__ __forceinline__ uint32_t seg_max_u32(uint32_t v) {
+  if constexpr (L == 32) {
+    return __reduce_max_sync(kFullMask, v);
+  } else {
+#pragma unroll
+    for (int o = L / 2; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o, L));
+    return v;
+  }
+}
+
+// The lowest lane of the segment (0..L-1) holding the segment's largest v.
+template <int L>
+__device__ __forceinline__ int seg_argmax(uint32_t v, int lane) {
+  const uint32_t best = seg_max_u32<L>(v);
+  uint32_t tied = __ballot_sync(kFullMask, v == best);
+  if constexpr (L < 32) tied = (tied >> (lane & ~(L - 1))) & ((1u << L) - 1);
+  return __ffs(tied) - 1;
 }
 
 // x[i] = row[first + i] for first + i < n, else `fill`; whole 16-byte loads
@@ -92,132 +149,178 @@ __device__ __forceinline__ void load_lane(const T* row, int first, int n, float 
   for (int i = 0; i < N; ++i) x[i] = first + i < n ? to_float(row[first + i]) : fill;
 }
 
-// Adds key k to a running top two (a >= b) of a multiset.
-__device__ __forceinline__ void push_top2(uint32_t k, uint32_t& a, uint32_t& b) {
-  b = max(b, min(a, k));
-  a = max(a, k);
-}
-
 // A group's score from its top two biased keys: their sum with a bias, else the max.
 __device__ __forceinline__ uint32_t group_key(uint32_t a, uint32_t b, bool sum_top2) {
   return sum_top2 ? order_key(key_value(a) + key_value(b)) : a;
 }
 
-// Repeated argmax over items held N per lane (item = lane * N + slot). Each lane
-// caches its best two untaken keys: a win moves the second up, and only a lane
-// that wins again before rescanning reads all its N registers.
-template <int N>
-struct WarpTop {
-  uint32_t key[N];
-  uint32_t taken = 0;  // bit i: slot i already popped
-  uint32_t k1 = 0, k2 = 0;
-  int s1 = 0, s2 = 0;
+// ---- one lane's share of the repeated argmax -------------------------------
 
-  __device__ __forceinline__ void scan() {
-    k1 = k2 = kKeyNone;
-    s1 = s2 = 0;
+// The lane's N keys live in shared memory (`keys`) as blocks of B keys; in
+// registers it keeps each block's best untaken key and slot, and the best of
+// those. Strict comparisons while slots ascend: equal keys keep the lower slot.
+template <int N>
+struct LaneTop {
+  static constexpr int B = N < kBlockKeys ? N : kBlockKeys;
+  static constexpr int kBlocks = N / B;
+  uint32_t block_best[kBlocks];
+  int block_slot[kBlocks];
+  uint32_t best;
+  int slot;
+
+  __device__ __forceinline__ void init(const uint32_t (&key)[N]) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const uint32_t k = (taken >> i) & 1u ? kKeyNone : key[i];
-      if (k > k1) {
-        k2 = k1, s2 = s1, k1 = k, s1 = i;
-      } else if (k > k2) {
-        k2 = k, s2 = i;
+    for (int b = 0; b < kBlocks; ++b) {
+      block_best[b] = key[b * B];
+      block_slot[b] = b * B;
+#pragma unroll
+      for (int j = 1; j < B; ++j) {
+        const bool gt = key[b * B + j] > block_best[b];
+        block_best[b] = gt ? key[b * B + j] : block_best[b];
+        block_slot[b] = gt ? b * B + j : block_slot[b];
       }
+    }
+    pick();
+  }
+
+  __device__ __forceinline__ void pick() {
+    best = block_best[0];
+    slot = block_slot[0];
+#pragma unroll
+    for (int b = 1; b < kBlocks; ++b) {
+      const bool gt = block_best[b] > best;
+      best = gt ? block_best[b] : best;
+      slot = gt ? block_slot[b] : slot;
     }
   }
 
-  // The best untaken item of the warp, lowest index among equal keys; every
-  // lane gets it and its key.
-  __device__ __forceinline__ int pop(int lane, uint32_t& best) {
-    best = warp_max_u32(k1);
-    const int w = static_cast<int>(warp_min_u32(k1 == best ? lane * N + s1 : 0xffffffffu));
-    if (lane == w / N) {
-      taken |= 1u << s1;
-      if (k2 != kKeyNone) {
-        k1 = k2, s1 = s2, k2 = kKeyNone;  // the next best of this lane, rest unknown
-      } else {
-        scan();
-      }
+  // This lane's best was chosen: take it out and rescan its block.
+  __device__ __forceinline__ void pop(uint32_t* keys) {
+    keys[slot] = kKeyNone;
+    const int first = slot & ~(B - 1);
+    uint32_t nb = keys[first];
+    int ns = first;
+#pragma unroll
+    for (int j = 1; j < B; ++j) {
+      const uint32_t v = keys[first + j];
+      ns = v > nb ? first + j : ns;
+      nb = v > nb ? v : nb;
     }
-    return w;
+    const int b = first / B;
+#pragma unroll
+    for (int c = 0; c < kBlocks; ++c) {
+      block_best[c] = c == b ? nb : block_best[c];
+      block_slot[c] = c == b ? ns : block_slot[c];
+    }
+    pick();
+  }
+
+  // Every key of this lane becomes `v` (its group was dropped); never rescanned.
+  __device__ __forceinline__ void fill(uint32_t v) {
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b) block_best[b] = v;
+    best = v;
   }
 };
 
-// Grouped top-k, group size S a power of two >= N: group g is the S/N lanes
-// from g*S/N, reduced with butterflies; the kept groups are chosen one per round.
-template <int N>
-__device__ void mask_groups_in_lanes(const TopkParams& p, int lane, uint32_t (&key)[N]) {
-  const int size = p.num_experts / p.num_groups;
-  const int lanes = size / N;  // a power of two <= 32
-  uint32_t a = kKeyNone, b = kKeyNone;
-#pragma unroll
-  for (int i = 0; i < N; ++i) push_top2(key[i], a, b);
-  for (int o = 1; o < lanes; o <<= 1) {
-    const uint32_t a2 = __shfl_xor_sync(kFullMask, a, o);
-    const uint32_t b2 = __shfl_xor_sync(kFullMask, b, o);
+// ---- grouped top-k ---------------------------------------------------------
+
+struct GroupInfo {
+  int mode = kNoGroups;
+  int size = 1;        // experts per group
+  int lane_shift = 0;  // kGroupsInLanes: log2(lanes per group)
+  bool sum_top2 = false;
+};
+
+// Group size a power of two >= N: group g is the lanes g << lane_shift
+// onward. The lanes' top two merge by butterflies into the group's top two;
+// the kept groups are chosen one per round.
+template <int N, int L>
+__device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, int lane, int sub,
+                                     uint32_t a, uint32_t b, LaneTop<N>& top) {
+  for (int o = 1; o < (1 << g.lane_shift); o <<= 1) {
+    const uint32_t a2 = __shfl_xor_sync(kFullMask, a, o, L);
+    const uint32_t b2 = __shfl_xor_sync(kFullMask, b, o, L);
     b = max(min(a, a2), max(b, b2));
     a = max(a, a2);
   }
-  const bool real = lane * N < p.num_experts;  // lanes past E hold no group
-  uint32_t cand = real ? group_key(a, b, p.bias != nullptr && size > 1) : kKeyNone;
+  const bool real = sub * N < p.num_experts;  // lanes past E hold no group
+  uint32_t cand = real ? group_key(a, b, g.sum_top2) : kKeyNone;
   bool kept = false;
   for (int r = 0; r < p.topk_group; ++r) {
-    const uint32_t best = warp_max_u32(cand);
-    const uint32_t w = warp_min_u32(cand == best ? static_cast<uint32_t>(lane) : 32u);
-    if (lane / lanes == static_cast<int>(w) / lanes) kept = true, cand = kKeyNone;
+    const int winner = seg_argmax<L>(cand, lane);
+    if ((sub >> g.lane_shift) == (winner >> g.lane_shift)) kept = true, cand = kKeyNone;
   }
-  if (real && !kept) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) key[i] = kKeyMasked;
-  }
+  if (real && !kept) top.fill(kKeyMasked);
 }
 
-// Grouped top-k for any group size: the keys go to shared memory (E keys, then
-// G group keys, per warp), one lane scores each group, and a WarpTop over the
-// group keys finds the last kept group; every group ranked at or above it stays.
-template <int N>
-__device__ void mask_groups_in_smem(const TopkParams& p, int lane, uint32_t* smem,
-                                    uint32_t (&key)[N]) {
-  const int E = p.num_experts, G = p.num_groups, size = E / G, first = lane * N;
-  uint32_t* group = smem + E;
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-    if (first + i < E) smem[first + i] = key[i];
-  __syncwarp();
-  const bool sum_top2 = p.bias != nullptr && size > 1;
-  for (int g = lane; g < G; g += 32) {
+// Any group size: `keys` holds the token's keys, lane by lane (kLaneStride
+// apart). Group
+// scores go to smem (G keys, then G kept flags); lane j owns a contiguous run
+// of groups, so lane order is group order, and the kept groups are chosen one
+// per round by a segment argmax over each lane's best remaining group.
+template <int N, int L>
+__device__ void mask_groups_in_smem(const TopkParams& p, const GroupInfo& g, int lane, int sub,
+                                    const uint32_t* keys, uint32_t* smem, uint32_t (&key)[N]) {
+  const int E = p.num_experts, G = p.num_groups;
+  uint32_t* group = smem;
+  uint32_t* kept = smem + G;
+  for (int q = sub; q < G; q += L) {
     uint32_t a = kKeyNone, b = kKeyNone;
-    for (int j = 0; j < size; ++j) push_top2(smem[g * size + j], a, b);
-    group[g] = group_key(a, b, sum_top2);
+    for (int j = 0; j < g.size; ++j) {
+      const int e = q * g.size + j;
+      const uint32_t v = keys[e / N * kLaneStride<N> + e % N];
+      b = max(b, min(a, v));
+      a = max(a, v);
+    }
+    group[q] = group_key(a, b, g.sum_top2);
+    kept[q] = 0;
   }
   __syncwarp();
-  WarpTop<N> top;
-#pragma unroll
-  for (int i = 0; i < N; ++i) top.key[i] = first + i < G ? group[first + i] : kKeyNone;
-  top.scan();
-  uint32_t last_key = 0;
-  int last = 0;
-  for (int r = 0; r < p.topk_group; ++r) last = top.pop(lane, last_key);
+  const int per_lane = (G + L - 1) / L, begin = min(G, sub * per_lane),
+            end = min(G, begin + per_lane);
+  for (int r = 0; r < p.topk_group; ++r) {
+    uint32_t best = kKeyNone;
+    int best_group = begin;
+    for (int q = begin; q < end; ++q) {
+      const uint32_t v = kept[q] ? kKeyNone : group[q];
+      best_group = v > best ? q : best_group;
+      best = v > best ? v : best;
+    }
+    const int winner = seg_argmax<L>(best, lane);
+    if (sub == winner) kept[best_group] = 1;
+    __syncwarp();
+  }
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const int e = first + i;
-    if (e >= E) continue;
-    const int g = e / size;
-    const uint32_t gk = group[g];
-    if (gk < last_key || (gk == last_key && g > last)) key[i] = kKeyMasked;
+    const int e = sub * N + i;
+    if (e < E && !kept[e / g.size]) key[i] = kKeyMasked;
   }
 }
 
-template <typename T, int N>
+// ---- the kernel ------------------------------------------------------------
+
+template <typename T, int N, int L>
 __global__ void __launch_bounds__(kWarps * 32)
-    topk_kernel(TopkParams p, int group_mode) {
-  extern __shared__ uint32_t smem[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t token = int64_t(blockIdx.x) * kWarps + warp;
-  if (token >= p.num_tokens) return;  // the whole warp leaves together
-  const int E = p.num_experts, K = p.topk, first = lane * N;
-  const T* row = static_cast<const T*>(p.logits) + token * E;
+    topk_kernel(TopkParams p, GroupInfo g) {
+  constexpr int kTokensPerWarp = 32 / L;
+  constexpr int kChoices = (kMaxTopk + L - 1) / L;  // choices a lane may hold
+  __shared__ uint32_t key_smem[kWarps][32][kLaneStride<N>];
+  __shared__ float bias_smem[padded(kMaxExperts)];
+  extern __shared__ uint32_t group_smem[];
+  // Every token adds the same bias: the block reads it once, before its logits
+  // are needed, so its latency is not paid after the scores.
+  if (p.bias != nullptr) {
+    for (int e = threadIdx.x; e < p.num_experts; e += kWarps * 32) bias_smem[padded(e)] = p.bias[e];
+    __syncthreads();
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane & (L - 1);
+  const int64_t first_token = (int64_t(blockIdx.x) * kWarps + warp) * kTokensPerWarp;
+  if (first_token >= p.num_tokens) return;  // the whole warp leaves together
+  const int64_t token = first_token + lane / L;
+  const bool valid = token < p.num_tokens;  // others compute on a real row, store nothing
+  const int E = p.num_experts, K = p.topk, first = sub * N;
+  const T* row = static_cast<const T*>(p.logits) + (valid ? token : first_token) * E;
   const bool softmax = p.scoring == Scoring::kSoftmax;
 
   // Scores. The softmax max and sum are kept: a chosen expert's weight is
@@ -229,85 +332,130 @@ __global__ void __launch_bounds__(kWarps * 32)
     mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < N; ++i) mx = fmaxf(mx, s[i]);  // fmaxf skips NaN
-    mx = warp_max(mx);
+    mx = seg_max<L>(mx);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       s[i] = first + i < E ? expf(s[i] - mx) : 0.0f;
       sum += s[i];
     }
-    sum = warp_sum(sum);
+    sum = seg_sum<L>(sum);
 #pragma unroll
     for (int i = 0; i < N; ++i) s[i] = s[i] / sum;
   } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) s[i] = sigmoid(s[i]);
+    sigmoid_all<N>(s);
   }
 
   // Selection keys: biased scores; padding past E never wins.
-  float bias[N];
-  if (p.bias != nullptr) load_lane<N>(p.bias, first, E, 0.0f, bias);
-  WarpTop<N> top;
+  if (p.bias != nullptr) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const float v = p.bias != nullptr ? s[i] + bias[i] : s[i];
-    top.key[i] = first + i < E ? order_key(v) : kKeyNone;
+    for (int i = 0; i < N; ++i) s[i] += first + i < E ? bias_smem[padded(first + i)] : 0.0f;
   }
-  if (group_mode == kGroupsInLanes) {
-    mask_groups_in_lanes<N>(p, lane, top.key);
-  } else if (group_mode == kGroupsInSmem) {
-    mask_groups_in_smem<N>(p, lane, smem + warp * (E + p.num_groups), top.key);
-  }
-  top.scan();
+  uint32_t key[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) key[i] = first + i < E ? order_key(s[i]) : kKeyNone;
 
-  int id = 0;  // lane k keeps the k-th choice
-  for (int k = 0; k < K; ++k) {
-    uint32_t best;
-    const int w = top.pop(lane, best);
-    if (lane == k) id = w;
+  uint32_t* keys = key_smem[warp][lane];  // this lane's N
+  if (g.mode == kGroupsInSmem) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) keys[i] = key[i];
+    __syncwarp();
+    uint32_t* smem = group_smem + (warp * kTokensPerWarp + lane / L) * 2 * p.num_groups;
+    mask_groups_in_smem<N, L>(p, g, lane, sub, key_smem[warp][lane & ~(L - 1)], smem, key);
+    __syncwarp();
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) keys[i] = key[i];
+  LaneTop<N> top;
+  top.init(key);
+  if (g.mode == kGroupsInLanes) {
+    uint32_t a = kKeyNone, b = kKeyNone;  // the lane's top two
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      b = max(b, min(a, key[i]));
+      a = max(a, key[i]);
+    }
+    mask_groups_in_lanes<N, L>(p, g, lane, sub, a, b, top);
   }
 
-  float weight = 0.0f;
-  if (lane < K) {
-    const float x = to_float(row[id]);
-    weight = softmax ? expf(x - mx) / sum : sigmoid(x);
+  // Choice k is kept by lane k % L of the segment, in its slot k / L.
+  int id[kChoices] = {};
+#pragma unroll
+  for (int c = 0; c < kChoices; ++c) {
+    for (int j = 0; j < L && c * L + j < K; ++j) {
+      const int winner = seg_argmax<L>(top.best, lane);
+      const int slot = __shfl_sync(kFullMask, top.slot, winner, L);
+      if (sub == j) id[c] = winner * N + slot;
+      if (sub == winner) top.pop(keys);
+    }
+  }
+
+  float weight[kChoices];
+#pragma unroll
+  for (int c = 0; c < kChoices; ++c) {
+    weight[c] = 0.0f;
+    if (c * L + sub < K) {
+      const float x = to_float(row[id[c]]);
+      weight[c] = softmax ? expf(x - mx) / sum : sigmoid(x);
+    }
   }
   // The CPU kernel's formula and summation order: w * (scale / (w_0 + w_1 + ...)).
   float total = 1.0f;
   if (p.renormalize) {
     total = 0.0f;
-    for (int k = 0; k < K; ++k) total += __shfl_sync(kFullMask, weight, k);
+#pragma unroll
+    for (int c = 0; c < kChoices; ++c) {
+      for (int j = 0; j < L && c * L + j < K; ++j) total += __shfl_sync(kFullMask, weight[c], j, L);
+    }
   }
   const float scale = p.routed_scaling_factor / total;
-  if (lane < K) {
-    p.ids[token * K + lane] = id;
-    p.weights[token * K + lane] = weight * scale;
+  if (!valid) return;
+#pragma unroll
+  for (int c = 0; c < kChoices; ++c) {
+    const int k = c * L + sub;
+    if (k < K) {
+      p.ids[token * K + k] = id[c];
+      p.weights[token * K + k] = weight[c] * scale;
+    }
   }
 }
 
-int lane_width(int experts) {
-  int n = 1;
-  while (n * 32 < experts) n *= 2;
-  return n;
+// ---- host side -------------------------------------------------------------
+
+int pow2_at_least(int n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
 }
 
-template <typename T, int N>
-void launch(const TopkParams& p, int group_mode, cudaStream_t stream) {
+// Lanes per token: 8 up to 256 experts (four tokens a warp), then as many as
+// keep each lane at 32 keys.
+int segment_lanes(int experts) { return std::max(8, pow2_at_least(experts) / 32); }
+int lane_keys(int experts) { return std::max(1, pow2_at_least(experts) / segment_lanes(experts)); }
+
+template <typename T, int N, int L>
+void launch(const TopkParams& p, const GroupInfo& g, cudaStream_t stream) {
+  constexpr int tokens_per_block = kWarps * (32 / L);
   const size_t smem =
-      group_mode == kGroupsInSmem ? size_t(kWarps) * (p.num_experts + p.num_groups) * 4 : 0;
-  const int64_t blocks = ceil_div(p.num_tokens, kWarps);
-  topk_kernel<T, N><<<grid_size(blocks, "topk"), kWarps * 32, smem, stream>>>(p, group_mode);
+      g.mode == kGroupsInSmem ? size_t(tokens_per_block) * 2 * p.num_groups * sizeof(uint32_t) : 0;
+  const int64_t blocks = ceil_div(p.num_tokens, tokens_per_block);
+  topk_kernel<T, N, L><<<grid_size(blocks, "topk"), kWarps * 32, smem, stream>>>(p, g);
   check_launch("topk_kernel");
 }
 
 template <typename T>
-void launch_width(const TopkParams& p, int group_mode, cudaStream_t stream) {
-  switch (lane_width(p.num_experts)) {
-    case 1: return launch<T, 1>(p, group_mode, stream);
-    case 2: return launch<T, 2>(p, group_mode, stream);
-    case 4: return launch<T, 4>(p, group_mode, stream);
-    case 8: return launch<T, 8>(p, group_mode, stream);
-    case 16: return launch<T, 16>(p, group_mode, stream);
-    default: return launch<T, 32>(p, group_mode, stream);
+void launch_shape(const TopkParams& p, const GroupInfo& g, cudaStream_t stream) {
+  switch (pow2_at_least(p.num_experts)) {
+    case 1:
+    case 2:
+    case 4:
+    case 8: return launch<T, 1, 8>(p, g, stream);
+    case 16: return launch<T, 2, 8>(p, g, stream);
+    case 32: return launch<T, 4, 8>(p, g, stream);
+    case 64: return launch<T, 8, 8>(p, g, stream);
+    case 128: return launch<T, 16, 8>(p, g, stream);
+    case 256: return launch<T, 32, 8>(p, g, stream);
+    case 512: return launch<T, 32, 16>(p, g, stream);
+    default: return launch<T, 32, 32>(p, g, stream);
   }
 }
 
@@ -328,12 +476,20 @@ void check_params(const TopkParams& p) {
   }
 }
 
-int group_mode_of(const TopkParams& p) {
+GroupInfo group_info(const TopkParams& p) {
+  GroupInfo g;
   // Keeping every group masks nothing.
-  if (p.num_groups == 0 || p.topk_group >= p.num_groups) return kNoGroups;
-  const int size = p.num_experts / p.num_groups;
-  const bool pow2 = (size & (size - 1)) == 0;
-  return pow2 && size >= lane_width(p.num_experts) ? kGroupsInLanes : kGroupsInSmem;
+  if (p.num_groups == 0 || p.topk_group >= p.num_groups) return g;
+  g.size = p.num_experts / p.num_groups;
+  g.sum_top2 = p.bias != nullptr && g.size > 1;
+  const int n = lane_keys(p.num_experts);
+  if ((g.size & (g.size - 1)) == 0 && g.size >= n) {
+    g.mode = kGroupsInLanes;
+    while ((n << g.lane_shift) < g.size) ++g.lane_shift;
+  } else {
+    g.mode = kGroupsInSmem;
+  }
+  return g;
 }
 
 }  // namespace
@@ -341,9 +497,9 @@ int group_mode_of(const TopkParams& p) {
 void topk(const TopkParams& p, cudaStream_t stream) {
   if (p.num_tokens <= 0) return;
   check_params(p);
-  const int group_mode = group_mode_of(p);
+  const GroupInfo g = group_info(p);
   dispatch_logits(p.logits_dtype, "topk (CUDA)", [&](auto tag) {
-    launch_width<typename decltype(tag)::type>(p, group_mode, stream);
+    launch_shape<typename decltype(tag)::type>(p, g, stream);
   });
 }
 
