@@ -308,15 +308,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ uint32_t key_smem[kWarps][32][kLaneStride<N>];
   __shared__ float bias_smem[padded(kMaxExperts)];
   extern __shared__ uint32_t group_smem[];
-  // Every token adds the same bias: the block reads it once, before its logits
-  // are needed, so its latency is not paid after the scores.
-  if (p.bias != nullptr) {
-    for (int e = threadIdx.x; e < p.num_experts; e += kWarps * 32) bias_smem[padded(e)] = p.bias[e];
-    __syncthreads();
-  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane & (L - 1);
   const int64_t first_token = (int64_t(blockIdx.x) * kWarps + warp) * kTokensPerWarp;
-  if (first_token >= p.num_tokens) return;  // the whole warp leaves together
+  const bool active = first_token < p.num_tokens;  // per warp
   const int64_t token = first_token + lane / L;
   const bool valid = token < p.num_tokens;  // others compute on a real row, store nothing
   const int E = p.num_experts, K = p.topk, first = sub * N;
@@ -326,7 +320,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Scores. The softmax max and sum are kept: a chosen expert's weight is
   // recomputed from its logit with the same operations, so it has the same bits.
   float s[N];
-  load_lane<N>(row, first, E, -INFINITY, s);
+  if (active) load_lane<N>(row, first, E, -INFINITY, s);
+  // Every token adds the same bias: the block stages it once, while its
+  // logits are in flight, so neither load waits for the other.
+  if (p.bias != nullptr) {
+    for (int e = threadIdx.x; e < E; e += kWarps * 32) bias_smem[padded(e)] = p.bias[e];
+    __syncthreads();
+  }
+  if (!active) return;  // the whole warp leaves together
   float mx = 0.0f, sum = 0.0f;
   if (softmax) {
     mx = -INFINITY;
