@@ -15,9 +15,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ops = torch.ops.fused_moe
 EK = [(e, k) for e in (1, 8, 60, 128, 256, 512, 1024) for k in (1, 2, 6, 8, 32) if k <= e]
 # (E, K, groups, topk_group): the group size picks the kernel's path: a power
-# of two >= E/32 (whole lanes: 256/8, 1024/8, 96/3, 128/16) or any other (smem).
+# of two >= the keys a lane holds (E/8 up to 256 experts, then 32) makes whole
+# lanes (256/8, 1024/8, 96/3, 8/2); any other goes through shared memory.
 GROUPED = [(256, 8, 8, 4), (1024, 32, 8, 3), (96, 8, 3, 1), (128, 8, 16, 3), (60, 6, 4, 2),
-           (72, 8, 8, 4), (64, 4, 64, 8), (512, 8, 64, 10), (8, 2, 2, 1)]
+           (72, 8, 8, 4), (64, 4, 64, 8), (512, 8, 64, 10), (8, 2, 2, 1),
+           (512, 8, 512, 10), (1024, 8, 1024, 16)]  # one expert a group: the most shared memory
 ACTIVATIONS = [(a, True) for a in ("silu", "gelu", "gelu_tanh", "relu2", "swigluoai")] + [
     (a, False) for a in ("silu", "gelu", "gelu_tanh", "relu2")]
 

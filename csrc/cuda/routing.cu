@@ -438,6 +438,13 @@ void launch(const TopkParams& p, const GroupInfo& g, cudaStream_t stream) {
   constexpr int tokens_per_block = kWarps * (32 / L);
   const size_t smem =
       g.mode == kGroupsInSmem ? size_t(tokens_per_block) * 2 * p.num_groups * sizeof(uint32_t) : 0;
+  // Past 48 KiB with the static arrays (many tiny groups, e.g. 512 groups of
+  // one expert) the kernel must opt in to more shared memory.
+  if (smem > 16 * 1024) {
+    check_cuda(cudaFuncSetAttribute(topk_kernel<T, N, L>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "topk (CUDA): shared memory for the group scores");
+  }
   const int64_t blocks = ceil_div(p.num_tokens, tokens_per_block);
   topk_kernel<T, N, L><<<grid_size(blocks, "topk"), kWarps * 32, smem, stream>>>(p, g);
   check_launch("topk_kernel");
