@@ -255,10 +255,10 @@ __device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, in
 }
 
 // Any group size: `keys` holds the token's keys, lane by lane (kLaneStride
-// apart). Group
-// scores go to smem (G keys, then G kept flags); lane j owns a contiguous run
-// of groups, so lane order is group order, and the kept groups are chosen one
-// per round by a segment argmax over each lane's best remaining group.
+// apart). Group scores go to smem (G keys, then G kept flags); lane j owns a
+// contiguous run of groups, so lane order is group order, and the kept groups
+// are chosen one per round by a segment argmax over each lane's best
+// remaining group.
 template <int N, int L>
 __device__ void mask_groups_in_smem(const TopkParams& p, const GroupInfo& g, int lane, int sub,
                                     const uint32_t* keys, uint32_t* smem, uint32_t (&key)[N]) {
