@@ -85,6 +85,16 @@ __device__ __forceinline__ void bins_of(const PermuteParams& p, int (&v)[N]) {
   }
 }
 
+// Inclusive prefix sum over the warp's lanes.
+__device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(kFullMask, v, o);
+    if (lane >= o) v += u;
+  }
+  return v;
+}
+
 __global__ void count_ranks_kernel(PermuteParams p, Layout l, int32_t* ranks, int32_t* counts,
                                    uint32_t* done) {
   extern __shared__ int32_t hist_smem[];
@@ -134,12 +144,7 @@ __global__ void count_ranks_kernel(PermuteParams p, Layout l, int32_t* ranks, in
   for (int b0 = 0; b0 < l.bins; b0 += 32) {
     const int b = b0 + lane;
     const int v = b < l.bins ? hist[b] : 0;
-    int inclusive = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int u = __shfl_up_sync(kFullMask, inclusive, o);
-      if (lane >= o) inclusive += u;
-    }
+    const int inclusive = warp_inclusive_scan(v, lane);
     if (b < l.bins) {
       p.expert_offsets[b] = carry + inclusive - v;
       counts[b] = 0;  // the exclusive scan over one chunk
@@ -162,12 +167,7 @@ __device__ int block_exclusive_scan(const int32_t* in, int32_t* out, int64_t n) 
       v[j] = first + j < n ? __ldcg(in + first + j) : 0;
       sum += v[j];
     }
-    int inclusive = sum;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int u = __shfl_up_sync(kFullMask, inclusive, o);
-      if (lane >= o) inclusive += u;
-    }
+    const int inclusive = warp_inclusive_scan(sum, lane);
     if (lane == 31) warp_sums[warp] = inclusive;
     __syncthreads();
     int before = carry, tile_sum = 0;

@@ -92,18 +92,11 @@ __device__ __forceinline__ void sigmoid_all(float (&s)[N]) {
 
 // ---- reductions over the L lanes of one token ------------------------------
 
-template <int L>
-__device__ __forceinline__ float seg_max(float v) {
+// Butterfly over the segment: every lane ends with the same bits (sums too).
+template <int L, typename T, typename Op>
+__device__ __forceinline__ T seg_reduce(T v, Op op) {
 #pragma unroll
-  for (int o = L / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o, L));
-  return v;
-}
-
-// Butterfly sum: every lane of the segment ends with the same bits.
-template <int L>
-__device__ __forceinline__ float seg_sum(float v) {
-#pragma unroll
-  for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o, L);
+  for (int o = L / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, o, L));
   return v;
 }
 
@@ -113,9 +106,7 @@ __device__ __forceinline__ uint32_t seg_max_u32(uint32_t v) {
   if constexpr (L == 32) {
     return __reduce_max_sync(kFullMask, v);
   } else {
-#pragma unroll
-    for (int o = L / 2; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o, L));
-    return v;
+    return seg_reduce<L>(v, [](uint32_t x, uint32_t y) { return max(x, y); });
   }
 }
 
@@ -149,6 +140,19 @@ __device__ __forceinline__ void load_lane(const T* row, int first, int n, float 
   for (int i = 0; i < N; ++i) x[i] = first + i < n ? to_float(row[first + i]) : fill;
 }
 
+// Keeps (v, at) if v beats `best`: strictly, so among equal keys the first
+// one offered (the lowest index, as every scan here ascends) stays.
+__device__ __forceinline__ void keep_better(uint32_t v, int at, uint32_t& best, int& where) {
+  where = v > best ? at : where;
+  best = v > best ? v : best;
+}
+
+// Adds key k to a running top two (a >= b) of a multiset.
+__device__ __forceinline__ void push_top2(uint32_t k, uint32_t& a, uint32_t& b) {
+  b = max(b, min(a, k));
+  a = max(a, k);
+}
+
 // A group's score from its top two biased keys: their sum with a bias, else the max.
 __device__ __forceinline__ uint32_t group_key(uint32_t a, uint32_t b, bool sum_top2) {
   return sum_top2 ? order_key(key_value(a) + key_value(b)) : a;
@@ -174,11 +178,7 @@ struct LaneTop {
       block_best[b] = key[b * B];
       block_slot[b] = b * B;
 #pragma unroll
-      for (int j = 1; j < B; ++j) {
-        const bool gt = key[b * B + j] > block_best[b];
-        block_best[b] = gt ? key[b * B + j] : block_best[b];
-        block_slot[b] = gt ? b * B + j : block_slot[b];
-      }
+      for (int j = 1; j < B; ++j) keep_better(key[b * B + j], b * B + j, block_best[b], block_slot[b]);
     }
     pick();
   }
@@ -187,11 +187,7 @@ struct LaneTop {
     best = block_best[0];
     slot = block_slot[0];
 #pragma unroll
-    for (int b = 1; b < kBlocks; ++b) {
-      const bool gt = block_best[b] > best;
-      best = gt ? block_best[b] : best;
-      slot = gt ? block_slot[b] : slot;
-    }
+    for (int b = 1; b < kBlocks; ++b) keep_better(block_best[b], block_slot[b], best, slot);
   }
 
   // This lane's best was chosen: take it out and rescan its block.
@@ -201,11 +197,7 @@ struct LaneTop {
     uint32_t nb = keys[first];
     int ns = first;
 #pragma unroll
-    for (int j = 1; j < B; ++j) {
-      const uint32_t v = keys[first + j];
-      ns = v > nb ? first + j : ns;
-      nb = v > nb ? v : nb;
-    }
+    for (int j = 1; j < B; ++j) keep_better(keys[first + j], first + j, nb, ns);
     const int b = first / B;
 #pragma unroll
     for (int c = 0; c < kBlocks; ++c) {
@@ -269,9 +261,7 @@ __device__ void mask_groups_in_smem(const TopkParams& p, const GroupInfo& g, int
     uint32_t a = kKeyNone, b = kKeyNone;
     for (int j = 0; j < g.size; ++j) {
       const int e = q * g.size + j;
-      const uint32_t v = keys[e / N * kLaneStride<N> + e % N];
-      b = max(b, min(a, v));
-      a = max(a, v);
+      push_top2(keys[e / N * kLaneStride<N> + e % N], a, b);
     }
     group[q] = group_key(a, b, g.sum_top2);
     kept[q] = 0;
@@ -282,11 +272,7 @@ __device__ void mask_groups_in_smem(const TopkParams& p, const GroupInfo& g, int
   for (int r = 0; r < p.topk_group; ++r) {
     uint32_t best = kKeyNone;
     int best_group = begin;
-    for (int q = begin; q < end; ++q) {
-      const uint32_t v = kept[q] ? kKeyNone : group[q];
-      best_group = v > best ? q : best_group;
-      best = v > best ? v : best;
-    }
+    for (int q = begin; q < end; ++q) keep_better(kept[q] ? kKeyNone : group[q], q, best, best_group);
     const int winner = seg_argmax<L>(best, lane);
     if (sub == winner) kept[best_group] = 1;
     __syncwarp();
@@ -333,13 +319,13 @@ __global__ void __launch_bounds__(kWarps * 32)
     mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < N; ++i) mx = fmaxf(mx, s[i]);  // fmaxf skips NaN
-    mx = seg_max<L>(mx);
+    mx = seg_reduce<L>(mx, [](float x, float y) { return fmaxf(x, y); });
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       s[i] = first + i < E ? expf(s[i] - mx) : 0.0f;
       sum += s[i];
     }
-    sum = seg_sum<L>(sum);
+    sum = seg_reduce<L>(sum, [](float x, float y) { return x + y; });
 #pragma unroll
     for (int i = 0; i < N; ++i) s[i] = s[i] / sum;
   } else {
@@ -371,10 +357,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   if (g.mode == kGroupsInLanes) {
     uint32_t a = kKeyNone, b = kKeyNone;  // the lane's top two
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      b = max(b, min(a, key[i]));
-      a = max(a, key[i]);
-    }
+    for (int i = 0; i < N; ++i) push_top2(key[i], a, b);
     mask_groups_in_lanes<N, L>(p, g, lane, sub, a, b, top);
   }
 
@@ -428,14 +411,26 @@ int pow2_at_least(int n) {
   return p;
 }
 
-// Lanes per token: 8 up to 256 experts (four tokens a warp), then as many as
-// keep each lane at 32 keys.
-int segment_lanes(int experts) { return std::max(8, pow2_at_least(experts) / 32); }
-int lane_keys(int experts) { return std::max(1, pow2_at_least(experts) / segment_lanes(experts)); }
+// How the groups are masked when each lane holds n keys.
+GroupInfo group_info(const TopkParams& p, int n) {
+  GroupInfo g;
+  // Keeping every group masks nothing.
+  if (p.num_groups == 0 || p.topk_group >= p.num_groups) return g;
+  g.size = p.num_experts / p.num_groups;
+  g.sum_top2 = p.bias != nullptr && g.size > 1;
+  if ((g.size & (g.size - 1)) == 0 && g.size >= n) {
+    g.mode = kGroupsInLanes;
+    while ((n << g.lane_shift) < g.size) ++g.lane_shift;
+  } else {
+    g.mode = kGroupsInSmem;
+  }
+  return g;
+}
 
 template <typename T, int N, int L>
-void launch(const TopkParams& p, const GroupInfo& g, cudaStream_t stream) {
+void launch(const TopkParams& p, cudaStream_t stream) {
   constexpr int tokens_per_block = kWarps * (32 / L);
+  const GroupInfo g = group_info(p, N);
   const size_t smem =
       g.mode == kGroupsInSmem ? size_t(tokens_per_block) * 2 * p.num_groups * sizeof(uint32_t) : 0;
   // Past 48 KiB with the static arrays (many tiny groups, e.g. 512 groups of
@@ -450,20 +445,22 @@ void launch(const TopkParams& p, const GroupInfo& g, cudaStream_t stream) {
   check_launch("topk_kernel");
 }
 
+// Keys per lane N and lanes per token L: 8 lanes up to 256 experts (four
+// tokens a warp), then as many as keep each lane at 32 keys.
 template <typename T>
-void launch_shape(const TopkParams& p, const GroupInfo& g, cudaStream_t stream) {
+void launch_shape(const TopkParams& p, cudaStream_t stream) {
   switch (pow2_at_least(p.num_experts)) {
     case 1:
     case 2:
     case 4:
-    case 8: return launch<T, 1, 8>(p, g, stream);
-    case 16: return launch<T, 2, 8>(p, g, stream);
-    case 32: return launch<T, 4, 8>(p, g, stream);
-    case 64: return launch<T, 8, 8>(p, g, stream);
-    case 128: return launch<T, 16, 8>(p, g, stream);
-    case 256: return launch<T, 32, 8>(p, g, stream);
-    case 512: return launch<T, 32, 16>(p, g, stream);
-    default: return launch<T, 32, 32>(p, g, stream);
+    case 8: return launch<T, 1, 8>(p, stream);
+    case 16: return launch<T, 2, 8>(p, stream);
+    case 32: return launch<T, 4, 8>(p, stream);
+    case 64: return launch<T, 8, 8>(p, stream);
+    case 128: return launch<T, 16, 8>(p, stream);
+    case 256: return launch<T, 32, 8>(p, stream);
+    case 512: return launch<T, 32, 16>(p, stream);
+    default: return launch<T, 32, 32>(p, stream);
   }
 }
 
@@ -484,30 +481,13 @@ void check_params(const TopkParams& p) {
   }
 }
 
-GroupInfo group_info(const TopkParams& p) {
-  GroupInfo g;
-  // Keeping every group masks nothing.
-  if (p.num_groups == 0 || p.topk_group >= p.num_groups) return g;
-  g.size = p.num_experts / p.num_groups;
-  g.sum_top2 = p.bias != nullptr && g.size > 1;
-  const int n = lane_keys(p.num_experts);
-  if ((g.size & (g.size - 1)) == 0 && g.size >= n) {
-    g.mode = kGroupsInLanes;
-    while ((n << g.lane_shift) < g.size) ++g.lane_shift;
-  } else {
-    g.mode = kGroupsInSmem;
-  }
-  return g;
-}
-
 }  // namespace
 
 void topk(const TopkParams& p, cudaStream_t stream) {
   if (p.num_tokens <= 0) return;
   check_params(p);
-  const GroupInfo g = group_info(p);
   dispatch_logits(p.logits_dtype, "topk (CUDA)", [&](auto tag) {
-    launch_shape<typename decltype(tag)::type>(p, g, stream);
+    launch_shape<typename decltype(tag)::type>(p, stream);
   });
 }
 
