@@ -1,7 +1,7 @@
 """PERF.md's table: every MODELS shape x M, fused_moe beside torch._grouped_mm
 and a per-expert loop, measured by fused_moe.bench.
 
-    python benchmarks/bench_moe.py [--models qwen3-30b-a3b,deepseek-v3] [--json PATH]
+    python benchmarks/bench_moe.py [--models qwen3-30b-a3b,deepseek-v3] [--ms 1,8] [--json PATH]
 """
 
 import argparse
@@ -20,6 +20,8 @@ def main() -> None:
                         help=f"comma-separated subset of {','.join(bench.MODELS)}")
     parser.add_argument("--impls", default=",".join(bench.IMPLS),
                         help=f"comma-separated subset of {','.join(bench.IMPLS)}")
+    parser.add_argument("--ms", default=",".join(map(str, bench.TOKENS)),
+                        help="comma-separated token counts M")
     parser.add_argument("--json", metavar="PATH", help="write the results, card and date as JSON")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(bench.MODELS)
@@ -34,7 +36,8 @@ def main() -> None:
     print(f"{card}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
           f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
     shapes = {name: bench.MODELS[name] for name in args.models.split(",")}
-    results = bench.run(shapes, bench.TOKENS, impls=impls, ceilings=ceilings)
+    ms = [int(m) for m in args.ms.split(",")]
+    results = bench.run(shapes, ms, impls=impls, ceilings=ceilings)
     print(bench.format_table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -92,6 +92,31 @@ struct UnpermuteParams {
   int topk = 0;                       // K
 };
 
+// fused_experts for a few tokens in two CUDA kernels (cuda/decode.cu); the
+// CPU and larger batches compose permute, grouped_gemm, activation, unpermute.
+struct DecodeParams {
+  const void* x = nullptr;             // [M, H]
+  ScalarType dtype = ScalarType::Float;  // of x, the weights, the biases, act and out
+  const void* w13 = nullptr;           // [E_local, 2I, H] gated, else [E_local, I, H]
+  const void* w2 = nullptr;            // [E_local, H, I]
+  const void* w13_bias = nullptr;      // [E_local, 2I or I] or null
+  const void* w2_bias = nullptr;       // [E_local, H] or null
+  const float* topk_weights = nullptr; // [M, K]
+  const int32_t* topk_ids = nullptr;   // [M, K] global expert ids
+  const int32_t* expert_map = nullptr; // [E_global] global -> local id or -1; null: identity
+  void* act = nullptr;                 // [M*K, I] scratch: the activations of every slot
+  void* out = nullptr;                 // [M, H]
+  int64_t num_tokens = 0;              // M
+  int64_t hidden = 0;                  // H
+  int64_t inter = 0;                   // I
+  int topk = 0;                        // K
+  int num_experts = 0;                 // E_global: ids outside [0, E_global) are not local
+  int num_local_experts = 0;           // E_local
+  Activation activation = Activation::kSilu;
+  bool gated = true;                   // as ActivationParams::gated
+  bool weight_on_input = false;        // topk_weights scale x (K == 1) instead of the outputs
+};
+
 namespace cpu {
 void topk(const TopkParams& p);
 void permute(const PermuteParams& p);

@@ -302,13 +302,20 @@ Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tenso
                   ": w13 must have 2 * intermediate_size rows when is_act_and_mul, got shape ",
                   shape_str(w13));
   Arg{op, "w2", w2}.expect({dtype}, {e_local, h, inter}, &hidden_states, "hidden_states");
-  Arg tw{op, "topk_weights", topk_weights};
-  tw.dtype_is(ScalarType::Float);
-  tw.shape_is({m, -1});
-  Arg ids{op, "topk_ids", topk_ids};
-  ids.shape_is({m, topk_weights.size(1)});
-  if (w13_bias) Arg{op, "w13_bias", *w13_bias}.shape_is({e_local, w13.size(1)});
-  if (w2_bias) Arg{op, "w2_bias", *w2_bias}.shape_is({e_local, h});
+  // Checked in full here (the ops below check them again) because the decode
+  // path reads them directly.
+  Arg{op, "topk_weights", topk_weights}.expect({ScalarType::Float}, {m, -1}, &hidden_states,
+                                               "hidden_states");
+  Arg{op, "topk_ids", topk_ids}.expect({ScalarType::Int}, {m, topk_weights.size(1)},
+                                       &hidden_states, "hidden_states");
+  if (w13_bias)
+    Arg{op, "w13_bias", *w13_bias}.expect({dtype}, {e_local, w13.size(1)}, &hidden_states,
+                                          "hidden_states");
+  if (w2_bias)
+    Arg{op, "w2_bias", *w2_bias}.expect({dtype}, {e_local, h}, &hidden_states, "hidden_states");
+  if (expert_map)
+    Arg{op, "expert_map", *expert_map}.expect({ScalarType::Int}, {-1}, &hidden_states,
+                                              "hidden_states");
   const int64_t mapped = expert_map ? expert_map->size(0) : e_local;
   FUSED_MOE_CHECK(global_num_experts < 0 || global_num_experts == mapped, op,
                   ": global_num_experts=", global_num_experts, " must be -1 or ",
@@ -317,7 +324,39 @@ Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tenso
                   " exceeds the number of experts ", mapped);
   FUSED_MOE_CHECK(!apply_router_weight_on_input || topk_ids.size(1) == 1, op,
                   ": apply_router_weight_on_input needs topk == 1, got topk=", topk_ids.size(1));
-  parse_activation(op, activation_name, is_act_and_mul);
+  const Activation activation_kind = parse_activation(op, activation_name, is_act_and_mul);
+#ifdef FUSED_MOE_WITH_CUDA
+  if (hidden_states.is_cuda() && m > 0) {
+    DecodeParams p;
+    p.x = hidden_states.data_ptr();
+    p.dtype = dtype;
+    p.w13 = w13.data_ptr();
+    p.w2 = w2.data_ptr();
+    p.w13_bias = ptr<const void>(w13_bias);
+    p.w2_bias = ptr<const void>(w2_bias);
+    p.topk_weights = ptr<const float>(topk_weights);
+    p.topk_ids = ptr<const int32_t>(topk_ids);
+    p.expert_map = ptr<const int32_t>(expert_map);
+    p.num_tokens = m;
+    p.hidden = h;
+    p.inter = inter;
+    p.topk = static_cast<int>(topk_ids.size(1));
+    p.num_experts = static_cast<int>(mapped);
+    p.num_local_experts = static_cast<int>(e_local);
+    p.activation = activation_kind;
+    p.gated = is_act_and_mul;
+    p.weight_on_input = apply_router_weight_on_input;
+    if (cuda::decode_applies(p)) {
+      Tensor act = alloc(hidden_states, {m * p.topk, inter});
+      Tensor out = alloc(hidden_states, {m, h});
+      p.act = act.data_ptr();
+      p.out = out.data_ptr();
+      const Tensor& t = hidden_states;
+      FUSED_MOE_CUDA(cuda::decode(p, stream))();
+      return out;
+    }
+  }
+#endif
 
   // The router weight scales either the gathered input rows or the expert outputs.
   OptTensor on_input, on_output;

@@ -1,5 +1,7 @@
 """fused_experts on the GPU against the float64 reference: the five PERF.md
-model shapes, odd shapes, expert parallelism, CUDA-graph replay, determinism."""
+model shapes, odd shapes, expert parallelism, CUDA-graph replay, determinism.
+Most tests run twice, through the permute -> GEMM -> unpermute chain and
+through the two-kernel decode path (FUSED_MOE_DECODE forces one or the other)."""
 
 import pytest
 import torch
@@ -20,6 +22,14 @@ MODELS = {  # E, K, H, I
 BF16_TOL = 1e-2
 
 
+@pytest.fixture(params=["chain", "decode"])
+def path(request, monkeypatch):
+    """The CUDA path to force; decode still falls back to the chain where its
+    shapes do not fit (rows not whole 16-byte vectors)."""
+    monkeypatch.setenv("FUSED_MOE_DECODE", "1" if request.param == "decode" else "0")
+    return request.param
+
+
 def check(m, e, k, h, inter, dtype=torch.bfloat16, skew=None, **kw):
     x = torch.randn(m, h, device="cuda").to(dtype)
     moe = random_moe(e, h, inter, dtype, device="cuda", gated=kw.get("is_act_and_mul", True),
@@ -36,7 +46,7 @@ def check(m, e, k, h, inter, dtype=torch.bfloat16, skew=None, **kw):
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("m", [1, 7, 64, 333])
-def test_model_shapes(model, m):
+def test_model_shapes(model, m, path):
     e, k, h, inter = MODELS[model]
     act = "swigluoai" if model == "gpt-oss-120b" else "silu"
     check(m, e, k, h, inter, activation=act, bias=model == "gpt-oss-120b")
@@ -45,34 +55,34 @@ def test_model_shapes(model, m):
 
 @pytest.mark.parametrize("h,inter", [(4100, 700), (511, 300), (128, 100), (100, 128), (2048, 768)])
 @pytest.mark.parametrize("m", [1, 33, 300])
-def test_odd_shapes(h, inter, m):
+def test_odd_shapes(h, inter, m, path):
     check(m, 16, 4, h, inter)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("act,gated", [("silu", True), ("gelu", True), ("gelu_tanh", True),
                                        ("relu2", False), ("swigluoai", True), ("silu", False)])
-def test_activations_dtypes(dtype, act, gated):
+def test_activations_dtypes(dtype, act, gated, path):
     check(70, 8, 2, 256, 192, dtype=dtype, activation=act, is_act_and_mul=gated, bias=True)
 
 
 @pytest.mark.parametrize("e,k", [(1, 1), (8, 1), (60, 6), (128, 8), (512, 8)])
-def test_expert_counts(e, k):
+def test_expert_counts(e, k, path):
     check(100, e, k, 512, 256)
 
 
 @pytest.mark.parametrize("skew", ["one", "half"])
 @pytest.mark.parametrize("m", [1, 256, 2048])
-def test_skewed_routing(skew, m):
+def test_skewed_routing(skew, m, path):
     check(m, 32, 4, 1024, 512, skew=skew)
 
 
-def test_router_weight_on_input():
+def test_router_weight_on_input(path):
     check(90, 16, 1, 512, 256, apply_router_weight_on_input=True)
 
 
 @pytest.mark.parametrize("m", [1, 50, 600])
-def test_expert_map_half_remote(m):
+def test_expert_map_half_remote(m, path):
     e_global, k, h, inter = 32, 4, 1024, 384
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     full = random_moe(e_global, h, inter, torch.bfloat16, device="cuda", bias=True)
@@ -92,7 +102,7 @@ def test_expert_map_half_remote(m):
 
 
 @pytest.mark.parametrize("m", [1, 64, 1024])
-def test_cuda_graph_replay_with_new_inputs(m):
+def test_cuda_graph_replay_with_new_inputs(m, path):
     e, k, h, inter = 64, 6, 1024, 512
     moe = random_moe(e, h, inter, torch.bfloat16, device="cuda")
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
@@ -141,3 +151,39 @@ def test_matches_cpu_kernel():
     cpu = fused_moe.fused_experts(x.cpu(), moe["w13"].cpu(), moe["w2"].cpu(), w.cpu(), ids.cpu(),
                                   w13_bias=moe["w13_bias"].cpu(), w2_bias=moe["w2_bias"].cpu())
     assert rel_err(gpu, cpu) <= 1e-5
+
+
+def test_decode_matches_chain_with_remote_and_invalid_ids(monkeypatch):
+    """Slots on other ranks and ids outside [0, E) contribute nothing on both
+    paths; where both run, they differ by rounding only."""
+    e_global, e_local, k, h, inter, m = 16, 10, 5, 512, 320, 3  # odd K: a lone last slot
+    moe = random_moe(e_local, h, inter, torch.bfloat16, device="cuda", bias=True)
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = random_routing(m, e_global, k, device="cuda")
+    ids[0, 1], ids[1, 3], ids[2, 4] = -1, e_global, 1 << 20
+    expert_map = torch.full((e_global,), -1, dtype=torch.int32, device="cuda")
+    expert_map[torch.randperm(e_global, device="cuda")[:e_local]] = torch.arange(
+        e_local, dtype=torch.int32, device="cuda")
+    args = dict(w13_bias=moe["w13_bias"], w2_bias=moe["w2_bias"], expert_map=expert_map)
+    ref = reference.fused_experts(x, moe["w13"], moe["w2"], w, ids, **args)
+    out = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("FUSED_MOE_DECODE", forced)
+        out[forced] = fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids, **args)
+        assert rel_err(out[forced], ref) <= BF16_TOL
+    assert rel_err(out["1"], out["0"]) <= 5e-3
+
+
+def test_decode_is_batch_invariant(monkeypatch):
+    """Each slot is computed alone on the decode path: a token gives the same
+    bits whatever batch it sits in."""
+    monkeypatch.setenv("FUSED_MOE_DECODE", "1")
+    e, k, h, inter = 128, 8, 2048, 768
+    moe = random_moe(e, h, inter, torch.bfloat16, device="cuda")
+    x = torch.randn(6, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = random_routing(6, e, k, device="cuda")
+    full = fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids)
+    assert torch.equal(full, fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids))
+    for t in (0, 5):
+        alone = fused_moe.fused_experts(x[t:t + 1], moe["w13"], moe["w2"], w[t:t + 1], ids[t:t + 1])
+        assert torch.equal(alone, full[t:t + 1])

@@ -47,6 +47,17 @@ __host__ __device__ inline bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
+// The local expert of global id `id`, or -1 when the id is outside
+// [0, num_experts) or its expert lives on another rank (expert_map entry
+// outside [0, num_local)). Branch-free, so unrolled callers overlap the map
+// loads of several ids.
+__device__ __forceinline__ int local_expert(int id, const int32_t* expert_map, int num_experts,
+                                            int num_local) {
+  const bool in_range = id >= 0 && id < num_experts;
+  const int e = in_range && expert_map != nullptr ? expert_map[id] : id;
+  return in_range && e >= 0 && e < num_local ? e : -1;
+}
+
 // ---- dtype dispatch: f(Type<T>{}) with T the CUDA type of `dtype` ----------
 
 template <typename T>

@@ -17,6 +17,13 @@ void activation(const ActivationParams& p, cudaStream_t stream);
 
 void unpermute(const UnpermuteParams& p, cudaStream_t stream);
 
+// Whether decode() takes these shapes (p.act and p.out not yet needed):
+// 16-byte aligned rows, and few enough tokens that slots rarely share an
+// expert. FUSED_MOE_DECODE=0: never; =1: whenever the shapes allow (tests and
+// benchmarks compare the two paths with it).
+bool decode_applies(const DecodeParams& p);
+void decode(const DecodeParams& p, cudaStream_t stream);
+
 size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p);
 void grouped_gemm(const GroupedGemmParams& p, void* workspace, cudaStream_t stream);
 

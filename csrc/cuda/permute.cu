@@ -68,20 +68,13 @@ Layout make_layout(const PermuteParams& p) {
 
 // The bins of N expert ids, in place: a bin is the local expert, or
 // num_local_experts when the id is out of range or its expert lives on another
-// rank. The map lookups are unconditional (clamped) loads, so all N overlap.
+// rank.
 template <int N>
 __device__ __forceinline__ void bins_of(const PermuteParams& p, int (&v)[N]) {
-  bool in_range[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j) in_range[j] = v[j] >= 0 && v[j] < p.num_experts;
-  if (p.expert_map != nullptr && p.num_experts > 0) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) v[j] = p.expert_map[in_range[j] ? v[j] : 0];
-  }
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    const bool local = in_range[j] && v[j] >= 0 && v[j] < p.num_local_experts;
-    v[j] = local ? v[j] : p.num_local_experts;
+    const int e = local_expert(v[j], p.expert_map, p.num_experts, p.num_local_experts);
+    v[j] = e < 0 ? p.num_local_experts : e;
   }
 }
 
