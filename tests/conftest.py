@@ -25,12 +25,13 @@ def assert_close(out, ref, dtype):
 def random_moe(num_experts, hidden, inter, dtype, device="cpu", gated=True, bias=False, gen=None):
     """Weights as PERF.md draws them: w13 ~ N(0,1)/sqrt(H), w2 ~ N(0,1)/sqrt(I)."""
     rows = 2 * inter if gated else inter
-    # Drawn on the target device (DeepSeek-V3's experts are 45 GB in fp32),
-    # unless a CPU generator is given.
-    where = dict(generator=gen) if gen is not None else dict(device=device)
+    # Drawn on the target device in the target dtype and scaled in place
+    # (DeepSeek-V3's w13 is 28 GiB in fp32), unless a CPU generator is given.
 
     def draw(*shape, scale):
-        return (torch.randn(*shape, **where) * scale).to(dtype).to(device)
+        if gen is not None:
+            return torch.randn(*shape, generator=gen).mul_(scale).to(dtype).to(device)
+        return torch.randn(*shape, device=device, dtype=dtype).mul_(scale)
 
     out = {"w13": draw(num_experts, rows, hidden, scale=hidden**-0.5),
            "w2": draw(num_experts, hidden, inter, scale=inter**-0.5)}

@@ -7,13 +7,17 @@
 // then cost as much as streaming the weights does. Here:
 //   up_kernel:   act[s][i] = act(w13[e_s] x_t + b13[e_s])[i]     s = t*K + k
 //   down_kernel: out[t] = sum over k = 0..K-1 of w[t,k] * (w2[e_k] act[t*K+k] + b2[e_k])
-// Every warp owns a few output columns and keeps kUnroll 16-byte weight packs
-// per row in flight. Two slots on the same expert read its weights twice, so
-// fused_experts takes this path only when that is rare (decode_applies).
+// Each warp streams its weight rows in stages of 16-byte packs, the next
+// stage's loads in flight while the current one is multiplied; grids are
+// sized to one wave of resident blocks; on sm_90 down_kernel is a
+// programmatic dependent launch, so its prologue and first weight loads
+// overlap up_kernel's tail. Two slots on one expert read its weights twice,
+// so fused_experts takes this path only when that is cheap (decode_applies).
 //
 // Rounding follows the chain: GEMM outputs are rounded to T before the
 // activation and before the weighted sum, which adds in slot order with
 // separate multiply and add, as unpermute does.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -26,15 +30,14 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-// Packs per weight row per lane loaded before any is used: with 4 rows a warp
-// that is 16 packs (256 bytes) a lane in flight.
+constexpr int kRows = 2;    // weight rows a warp streams together
+// Packs per row per lane in one stage; two stages are in flight (the next
+// loads while the current multiplies): 16 packs, 256 bytes a lane.
 constexpr int kUnroll = 4;
-constexpr int kRows = 4;          // weight rows a warp streams at once
-constexpr int kDownCols = 2;      // down_kernel: out columns a warp owns, for 2 slots at once
-static_assert(kRows == 2 * kDownCols, "down_kernel streams two slots' rows at once");
+constexpr int kDefaultSmem = 48 * 1024;  // more needs the kernel's opt-in
+constexpr double kMaxSlotBytes = 400e6;  // see decode_applies
 
-// Weights are read once: keep them out of L1, which holds the vectors every
-// warp of a block re-reads.
+// Weights are read once: keep them out of L1.
 template <typename T>
 __device__ __forceinline__ Pack<T, kVec<T>> load_streaming(const T* p) {
   uint4 raw;
@@ -48,7 +51,7 @@ __device__ __forceinline__ Pack<T, kVec<T>> load_streaming(const T* p) {
 
 // Element q of a pack as a float. bf16 widens by a shift or a mask of its
 // 32-bit word, so a pack stays in 4 registers rather than being split into
-// 16-bit halves first (which costs ~60 registers in down_kernel).
+// 16-bit halves first.
 template <typename T, int P>
 __device__ __forceinline__ float element(const Pack<T, P>& x, int q) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -60,43 +63,124 @@ __device__ __forceinline__ float element(const Pack<T, P>& x, int q) {
   }
 }
 
-// The dot products of R weight rows with vectors, summed over the warp: row j
-// uses vec[j / (R / V)], each element scaled by `scale` and rounded to T first
-// (the chain's gathered row; exact when scale is 1). Rows and vectors are
-// `packs` 16-byte packs long.
-template <typename T, int R, int V>
-__device__ __forceinline__ void dot_rows(const T* const* row, const T* const* vec, float scale,
-                                         int packs, int lane, float* acc) {
-  constexpr int P = kVec<T>, kPerVec = R / V;
-  for (int p0 = lane; p0 < packs; p0 += 32 * kUnroll) {
-    Pack<T, P> w[kUnroll][R];
+// Elements [i, i + P) of a vector in shared memory, as floats.
+template <int P>
+__device__ __forceinline__ void vector_at(const float* v, int64_t i, float (&out)[P]) {
+#pragma unroll
+  for (int q = 0; q < P; q += 4) {
+    const float4 f = *reinterpret_cast<const float4*>(v + i + q);
+    out[q] = f.x, out[q + 1] = f.y, out[q + 2] = f.z, out[q + 3] = f.w;
+  }
+}
+template <int P, typename T>
+__device__ __forceinline__ void vector_at(const T* v, int64_t i, float (&out)[P]) {
+  const Pack<T, P> x = *reinterpret_cast<const Pack<T, P>*>(v + i);
+#pragma unroll
+  for (int q = 0; q < P; ++q) out[q] = element(x, q);
+}
+
+// The block's store(i, pack i of src) for the packs i < n that keep(i),
+// loads issued kUnroll at a time so that their latencies overlap.
+template <typename T, typename Keep, typename Store>
+__device__ __forceinline__ void copy_packs(const T* src, int n, Keep keep, Store store) {
+  constexpr int P = kVec<T>;
+  for (int i0 = threadIdx.x; i0 < n; i0 += kThreads * kUnroll) {
+    Pack<T, P> v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * kThreads;
+      if (i < n && keep(i)) v[u] = load_pack<T, P>(src + int64_t(i) * P);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * kThreads;
+      if (i < n && keep(i)) store(i, v[u]);
+    }
+  }
+}
+
+// Programmatic dependent launch (sm_90): down_kernel is launched while
+// up_kernel still runs, and waits for it only where it reads act.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prior_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// One lane's share of a stage: kUnroll packs of each of the kRows rows.
+template <typename T>
+struct Stage {
+  Pack<T, kVec<T>> w[kUnroll][kRows];
+};
+
+// The warp's dot products of `jobs` groups of kRows weight rows with vectors
+// in shared memory, streamed so that one stage's loads are in flight while
+// the previous one is multiplied, across job boundaries too.
+//   rows(j, row):   fills row[r], the r-th weight row of job j
+//   stage():        fills the shared memory; called once by every warp (it
+//                   may sync the block) after the first weight loads are
+//                   issued, so that they overlap it
+//   vec(j, r):      the shared-memory vector (float or T) row r multiplies
+//   done(j, sums):  the job's kRows sums, reduced over the warp (every lane)
+// Rows and vectors are `packs` 16-byte packs long.
+template <typename T, typename Rows, typename Staging, typename Vec, typename Done>
+__device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows rows,
+                                            Staging stage, Vec vec, Done done) {
+  constexpr int P = kVec<T>, kStep = 32 * kUnroll;
+  const int chunks = (packs + kStep - 1) / kStep, steps = jobs * chunks;
+  auto load = [&](Stage<T>& s, int step) {
+    const int j = step / chunks, p0 = lane + (step - j * chunks) * kStep;
+    const T* row[kRows];
+    rows(j, row);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (p0 + 32 * u < packs) {
 #pragma unroll
-        for (int j = 0; j < R; ++j) w[u][j] = load_streaming(row[j] + (p0 + 32 * u) * P);
+        for (int r = 0; r < kRows; ++r) s.w[u][r] = load_streaming(row[r] + (p0 + 32 * u) * P);
       }
     }
+  };
+  float acc[kRows] = {};
+  auto consume = [&](const Stage<T>& s, int step) {
+    const int j = step / chunks, c = step - j * chunks, p0 = lane + c * kStep;
+    decltype(vec(0, 0)) v[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) v[r] = vec(j, r);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (p0 + 32 * u >= packs) break;
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const Pack<T, P> x = load_pack<T, P>(vec[v] + (p0 + 32 * u) * P);
+      for (int r = 0; r < kRows; ++r) {
+        float x[P];
+        vector_at<P>(v[r], int64_t(p0 + 32 * u) * P, x);
 #pragma unroll
-        for (int q = 0; q < P; ++q) {
-          const float xf = to_float(from_float<T>(element(x, q) * scale));
-#pragma unroll
-          for (int j = v * kPerVec; j < (v + 1) * kPerVec; ++j)
-            acc[j] = fmaf(element(w[u][j], q), xf, acc[j]);
-        }
+        for (int q = 0; q < P; ++q) acc[r] = fmaf(element(s.w[u][r], q), x[q], acc[r]);
       }
     }
-  }
+    if (c != chunks - 1) return;
 #pragma unroll
-  for (int j = 0; j < R; ++j) {
+    for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(kFullMask, acc[j], o);
+      for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(kFullMask, acc[r], o);
+    }
+    done(j, acc);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+  };
+  Stage<T> a, b;
+  if (steps > 0) load(a, 0);
+  stage();
+  for (int step = 0; step < steps; step += 2) {
+    if (step + 1 < steps) load(b, step + 1);
+    consume(a, step);
+    if (step + 1 >= steps) break;
+    if (step + 2 < steps) load(a, step + 2);
+    consume(b, step + 1);
   }
 }
 
@@ -111,108 +195,181 @@ __device__ __forceinline__ float rounded(float acc, const void* bias, int64_t i)
   return to_float(from_float<T>(acc + bias_of<T>(bias, i)));
 }
 
-// Block (x, s): columns [x * kWarps * C, +kWarps * C) of act[s], C columns a
-// warp (2 gated: a gate and an up row each; 4 plain).
+// Block (x, s): output columns [x * kWarps * J * C, +kWarps * J * C) of
+// act[s]; a warp's J jobs are C columns each: 1 gated (its gate and up rows),
+// 2 plain. x[t] (scaled by the router weight and rounded to T, as the chain's
+// gathered row) is staged in shared memory as floats.
 template <typename T, Activation A, bool Gated>
-__global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p) {
-  constexpr int C = Gated ? kRows / 2 : kRows;
+__global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int jobs_per_warp) {
+  constexpr int C = Gated ? 1 : kRows, P = kVec<T>;
+  extern __shared__ float4 smem[];
+  float* x = reinterpret_cast<float*>(smem);
+  allow_dependent_launch();
   const int64_t slot = blockIdx.y, H = p.hidden, I = p.inter;
   const int e = local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local_experts);
   if (e < 0) return;  // whole block: a slot of another rank is never read
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t col = (int64_t(blockIdx.x) * kWarps + warp) * C;
-  if (col >= I) return;
-
-  // w13 row of output column c's gate (g = 0) or up (g = 1) half.
-  const int64_t n13 = Gated ? 2 * I : I;
-  auto row_of = [&](int c, int g) -> int64_t {
-    const int64_t i = min(col + c, I - 1);  // columns past I re-read the last one
-    if constexpr (!Gated) return i;
-    else if constexpr (A == Activation::kSwigluOai) return 2 * i + g;  // interleaved
-    else return g * I + i;
+  const int64_t first = (int64_t(blockIdx.x) * kWarps + warp) * jobs_per_warp * C;
+  const int64_t left = (I - first + C - 1) / C;  // columns from `first` on, in jobs
+  const int jobs = static_cast<int>(max(int64_t(0), min(int64_t(jobs_per_warp), left)));
+  // w13 row r of job j: the gate (r = 0) and up (r = 1) of column col when
+  // gated, else columns col and col + 1 (the last column again past I).
+  auto row_of = [&](int j, int r) -> int64_t {
+    const int64_t col = first + j * C;
+    if constexpr (!Gated) return min(col + r, I - 1);
+    else if constexpr (A == Activation::kSwigluOai) return 2 * col + r;  // interleaved
+    else return r * I + col;
   };
+  const int64_t n13 = Gated ? 2 * I : I;
   const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * n13 * H;
-  const T* row[kRows];
-#pragma unroll
-  for (int j = 0; j < kRows; ++j) row[j] = w13 + row_of(j % C, j / C) * H;
-  const T* x[1] = {static_cast<const T*>(p.x) + slot / p.topk * H};
-  const float scale = p.weight_on_input ? p.topk_weights[slot] : 1.0f;
-  float acc[kRows] = {};
-  dot_rows<T, kRows, 1>(row, x, scale, static_cast<int>(H / kVec<T>), lane, acc);
-
-  if (lane != 0) return;
   const void* bias = p.w13_bias;
   const int64_t b = int64_t(e) * n13;
-  T* out = static_cast<T*>(p.act) + slot * I + col;
+  T* out = static_cast<T*>(p.act) + slot * I;
+  stream_dots<T>(
+      jobs, static_cast<int>(H / P), lane,
+      [&](int j, const T** row) {
+        for (int r = 0; r < kRows; ++r) row[r] = w13 + row_of(j, r) * H;
+      },
+      [&] {
+        const float scale = p.weight_on_input ? p.topk_weights[slot] : 1.0f;
+        copy_packs(
+            static_cast<const T*>(p.x) + slot / p.topk * H, static_cast<int>(H / P),
+            [](int) { return true; },
+            [&](int i, const Pack<T, P>& v) {
 #pragma unroll
-  for (int c = 0; c < C; ++c) {
-    if (col + c >= I) break;
-    float y;
-    if constexpr (Gated) {
-      y = gated_act<A>(rounded<T>(acc[c], bias, b + row_of(c, 0)),
-                       rounded<T>(acc[C + c], bias, b + row_of(c, 1)));
-    } else {
-      y = act<A>(rounded<T>(acc[c], bias, b + row_of(c, 0)));
-    }
-    out[c] = from_float<T>(y);
+              for (int q = 0; q < P; ++q)
+                x[i * P + q] = to_float(from_float<T>(to_float(v.e[q]) * scale));
+            });
+        __syncthreads();
+      },
+      [&](int, int) { return x; },
+      [&](int j, const float* sums) {
+        if (lane != 0) return;
+        const int64_t col = first + j * C;
+        if constexpr (Gated) {
+          out[col] = from_float<T>(gated_act<A>(rounded<T>(sums[0], bias, b + row_of(j, 0)),
+                                                rounded<T>(sums[1], bias, b + row_of(j, 1))));
+        } else {
+          for (int c = 0; c < C && col + c < I; ++c)
+            out[col + c] = from_float<T>(act<A>(rounded<T>(sums[c], bias, b + row_of(j, c))));
+        }
+      });
+}
+
+// Block (x, t): out columns [x * kWarps * J, +kWarps * J) of token t, J
+// consecutive ones a warp. The token's activations (its K rows of act, local
+// slots only) are staged in shared memory. Lane k holds slot k's expert and
+// weight; a column's jobs take the local slots two at a time in slot order,
+// the order of the weighted sum.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int cols_per_warp) {
+  constexpr int P = kVec<T>;
+  extern __shared__ float4 smem[];
+  T* act = reinterpret_cast<T*>(smem);
+  const int64_t t = blockIdx.y, H = p.hidden, I = p.inter;
+  const int K = p.topk, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int e = -1;
+  float weight = 1.0f;
+  if (lane < K) {
+    e = local_expert(p.topk_ids[t * K + lane], p.expert_map, p.num_experts, p.num_local_experts);
+    if (!p.weight_on_input) weight = p.topk_weights[t * K + lane];
+  }
+  const unsigned local = __ballot_sync(kFullMask, e >= 0);
+  const int slots = __popc(local), pairs = (slots + 1) / 2;
+  const int64_t first = (int64_t(blockIdx.x) * kWarps + warp) * cols_per_warp;
+  const int cols = static_cast<int>(max(int64_t(0), min(int64_t(cols_per_warp), H - first)));
+  // Lane i holds the i-th local slot; job j is column first + j / pairs and
+  // the local slots 2i and 2i + 1 of i = j % pairs (the same one twice for a
+  // lone last slot, whose row is then streamed twice, from L2 the second time).
+  const int ranked = lane < slots ? __fns(local, 0, lane + 1) : 0;
+  auto slot = [&](int j, int r) {
+    const int i = 2 * (j % pairs) + r;
+    return __shfl_sync(kFullMask, ranked, i < slots ? i : i - 1);
+  };
+  const T* w2 = static_cast<const T*>(p.w2);
+  auto row_of = [&](int j, int k) {
+    return w2 + (int64_t(__shfl_sync(kFullMask, e, k)) * H + first + j / pairs) * I;
+  };
+  float sum = 0.0f;
+  auto add = [&](int64_t col, int k, float dot) {  // separate multiply and add, as unpermute
+    const int ek = __shfl_sync(kFullMask, e, k);
+    const float y = rounded<T>(dot, p.w2_bias, int64_t(ek) * H + col);
+    sum = __fadd_rn(sum, __fmul_rn(__shfl_sync(kFullMask, weight, k), y));
+  };
+  stream_dots<T>(
+      cols * pairs, static_cast<int>(I / P), lane,
+      [&](int j, const T** row) {
+        row[0] = row_of(j, slot(j, 0));
+        row[1] = row_of(j, slot(j, 1));
+      },
+      [&] {
+        wait_for_prior_kernel();  // act is up_kernel's output
+        const int row_packs = static_cast<int>(I / P);
+        copy_packs(
+            static_cast<const T*>(p.act) + t * K * I, K * row_packs,
+            // Slots of other ranks have no activations.
+            [&](int i) { return (local >> (i / row_packs)) & 1; },
+            [&](int i, const Pack<T, P>& v) {
+              *reinterpret_cast<Pack<T, P>*>(act + int64_t(i) * P) = v;
+            });
+        __syncthreads();
+      },
+      [&](int j, int r) { return act + int64_t(slot(j, r)) * I; },
+      [&](int j, const float* sums) {
+        const int64_t col = first + j / pairs;
+        const int a = slot(j, 0), b = slot(j, 1);
+        add(col, a, sums[0]);
+        if (b != a) add(col, b, sums[1]);
+        if (j % pairs == pairs - 1) {  // the column's last job
+          if (lane == 0) static_cast<T*>(p.out)[t * H + col] = from_float<T>(sum);
+          sum = 0.0f;
+        }
+      });
+  // Tokens with no local slot: zeros.
+  if (pairs == 0 && lane == 0) {
+    for (int c = 0; c < cols; ++c) static_cast<T*>(p.out)[t * H + first + c] = from_float<T>(0.0f);
   }
 }
 
-// Block (x, t): out columns [x * kWarps * kDownCols, +kWarps * kDownCols) of
-// token t. Lane k of each 32-slot chunk holds slot k's expert and weight; the
-// warp walks the local slots in order, two at a time (kRows rows).
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p) {
-  constexpr int C = kDownCols;
-  const int64_t t = blockIdx.y, H = p.hidden, I = p.inter;
-  const int K = p.topk, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t col = (int64_t(blockIdx.x) * kWarps + warp) * C;
-  if (col >= H) return;
-  const T* w2 = static_cast<const T*>(p.w2);
-  const T* act = static_cast<const T*>(p.act) + t * K * I;
-  const int packs = static_cast<int>(I / kVec<T>);
-  auto row_of = [&](int e, int c) { return w2 + (int64_t(e) * H + min(col + c, H - 1)) * I; };
+size_t up_smem(const DecodeParams& p) { return size_t(p.hidden) * sizeof(float); }
+size_t down_smem(const DecodeParams& p, int64_t bytes) { return size_t(p.topk * p.inter * bytes); }
 
-  float sum[C] = {};
-  // Slot k's contribution: w * (the rounded GEMM output), added in slot order.
-  auto add = [&](int e, float weight, const float* dot) {
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const float y = rounded<T>(dot[c], p.w2_bias, int64_t(e) * H + min(col + c, H - 1));
-      sum[c] = __fadd_rn(sum[c], __fmul_rn(weight, y));
-    }
-  };
-  for (int k0 = 0; k0 < K; k0 += 32) {
-    const int k = k0 + lane;
-    int e = -1;
-    float weight = 1.0f;
-    if (k < K) {
-      e = local_expert(p.topk_ids[t * K + k], p.expert_map, p.num_experts, p.num_local_experts);
-      if (!p.weight_on_input) weight = p.topk_weights[t * K + k];
-    }
-    unsigned local = __ballot_sync(kFullMask, e >= 0);
-    while (local) {
-      const int a = __ffs(local) - 1;
-      local &= local - 1;
-      // A lone last slot (b == a) reads its rows twice, from L2 the second time.
-      const int b = local ? __ffs(local) - 1 : a;
-      if (local) local &= local - 1;
-      const int ea = __shfl_sync(kFullMask, e, a), eb = __shfl_sync(kFullMask, e, b);
-      const float wa = __shfl_sync(kFullMask, weight, a), wb = __shfl_sync(kFullMask, weight, b);
-      const T* row[kRows] = {row_of(ea, 0), row_of(ea, 1), row_of(eb, 0), row_of(eb, 1)};
-      const T* vec[2] = {act + (k0 + a) * I, act + (k0 + b) * I};
-      float dot[kRows] = {};
-      dot_rows<T, kRows, 2>(row, vec, 1.0f, packs, lane, dot);
-      add(ea, wa, dot);
-      if (b != a) add(eb, wb, dot + C);
-    }
+// Launches `kernel` with `smem` bytes of dynamic shared memory, opting in
+// past the default 48 KiB.
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, size_t smem, const DecodeParams& p, int per_warp,
+            bool overlap_prior, cudaStream_t stream, const char* name) {
+  if (smem > kDefaultSmem) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)), name);
   }
-  if (lane != 0) return;
-  T* out = static_cast<T*>(p.out) + t * H + col;
-#pragma unroll
-  for (int c = 0; c < C; ++c) {
-    if (col + c < H) out[c] = from_float<T>(sum[c]);
-  }
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = overlap_prior ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, per_warp), name);
+}
+
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  check_cuda(cudaGetDevice(&device), "fused_experts (decode): cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&value, attr, device), "fused_experts (decode): device query");
+  return value;
+}
+
+// Jobs per warp so that the grid is about one wave of resident blocks: every
+// block then pays its prologue (ids, staging) once, and no second, partial
+// wave runs at low occupancy.
+int per_warp(int64_t warp_jobs) {
+  const int64_t resident_warps =  // __launch_bounds__(kThreads, 2)
+      int64_t(device_attribute(cudaDevAttrMultiProcessorCount)) * 2 * kWarps;
+  return static_cast<int>(std::max<int64_t>(1, ceil_div(warp_jobs, resident_warps)));
 }
 
 int64_t element_bytes(ScalarType dtype) {
@@ -230,36 +387,47 @@ bool decode_applies(const DecodeParams& p) {
   const char* forced = std::getenv("FUSED_MOE_DECODE");
   if (forced && std::strcmp(forced, "0") == 0) return false;
   const int64_t bytes = element_bytes(p.dtype);
-  const bool shapes = bytes > 0 && p.num_tokens > 0 && p.topk > 0 &&
+  const size_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const bool shapes = bytes > 0 && p.num_tokens > 0 && p.topk > 0 && p.topk <= 32 &&
                       p.num_tokens * p.topk <= 65535 &&  // grid.y of up_kernel
-                      p.hidden > 0 && p.hidden <= INT32_MAX && (p.hidden * bytes) % 16 == 0 &&
-                      p.inter > 0 && p.inter <= INT32_MAX && (p.inter * bytes) % 16 == 0 &&
+                      p.hidden > 0 && (p.hidden * bytes) % 16 == 0 && up_smem(p) <= max_smem &&
+                      p.inter > 0 && (p.inter * bytes) % 16 == 0 &&
+                      down_smem(p, bytes) <= max_smem &&
                       aligned16(p.x) && aligned16(p.w13) && aligned16(p.w2);
   if (!shapes) return false;
   if (forced && std::strcmp(forced, "1") == 0) return true;
-  // One token reads each chosen expert once; beyond that, duplicates (about
-  // M*K / 2E of the reads) must stay below what the chain's launches cost.
-  return p.num_tokens == 1 || 4 * p.num_tokens * p.topk <= p.num_experts;
+  // One token reads each chosen expert once: always. With more, this path
+  // reads an expert once per slot on it (the chain once) at a lower share of
+  // HBM bandwidth than the chain's GEMMs, which wins only while the chain's
+  // ~25 us of fixed launch cost is a large part of the total. Measured on an
+  // H200 (benchmarks/RESULTS.md): it wins up to ~400 MB of slot weights
+  // (qwen3-30b-a3b M=4, gpt-oss-120b M=2) and loses past ~600 MB.
+  const int64_t n13 = p.gated ? 2 * p.inter : p.inter;
+  const double slot_bytes = double(p.num_tokens) * p.topk * (n13 + p.inter) * p.hidden * bytes;
+  return p.num_tokens == 1 || slot_bytes <= kMaxSlotBytes;
 }
 
 void decode(const DecodeParams& p, cudaStream_t stream) {
   if (!decode_applies(p) || !aligned16(p.act))
     fail("fused_experts (decode): the shapes or the alignment do not allow this path");
-  dispatch_float(p.dtype, "fused_experts (decode)", [&](auto tag) {
+  const char* name = "fused_experts (decode)";
+  dispatch_float(p.dtype, name, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_activation(p.activation, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
-      const int cols = kWarps * (p.gated ? kRows / 2 : kRows);
-      const dim3 grid(grid_size(ceil_div(p.inter, cols), "fused_experts (decode)"),
-                      static_cast<unsigned>(p.num_tokens * p.topk));
-      auto kernel = p.gated ? up_kernel<T, A, true> : up_kernel<T, A, false>;
-      kernel<<<grid, kThreads, 0, stream>>>(p);
-      check_launch("fused_experts (decode): up_kernel");
+      const int64_t slots = p.num_tokens * p.topk, cols = ceil_div(p.inter, p.gated ? 1 : kRows);
+      const int jobs = per_warp(slots * cols);
+      const dim3 grid(grid_size(ceil_div(cols, kWarps * jobs), name), static_cast<unsigned>(slots));
+      launch(p.gated ? up_kernel<T, A, true> : up_kernel<T, A, false>, grid, up_smem(p), p, jobs,
+             false, stream, "fused_experts (decode): up_kernel");
     });
-    const dim3 grid(grid_size(ceil_div(p.hidden, kWarps * kDownCols), "fused_experts (decode)"),
+    const int cols = per_warp(p.num_tokens * p.hidden);
+    const dim3 grid(grid_size(ceil_div(p.hidden, kWarps * cols), name),
                     static_cast<unsigned>(p.num_tokens));
-    down_kernel<T><<<grid, kThreads, 0, stream>>>(p);
-    check_launch("fused_experts (decode): down_kernel");
+    // Programmatic dependent launch exists from sm_90 on.
+    const bool overlap = device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
+    launch(down_kernel<T>, grid, down_smem(p, sizeof(T)), p, cols, overlap, stream,
+           "fused_experts (decode): down_kernel");
   });
 }
 
