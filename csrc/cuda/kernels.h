@@ -18,9 +18,10 @@ void activation(const ActivationParams& p, cudaStream_t stream);
 void unpermute(const UnpermuteParams& p, cudaStream_t stream);
 
 // Whether decode() takes these shapes (p.act and p.out not yet needed):
-// 16-byte aligned rows, and few enough tokens that slots rarely share an
-// expert. FUSED_MOE_DECODE=0: never; =1: whenever the shapes allow (tests and
-// benchmarks compare the two paths with it).
+// 16-byte aligned rows, K <= 32, and one token or few enough slot weight
+// bytes that the chain's launches would cost more. FUSED_MOE_DECODE=0:
+// never; =1: whenever the shapes allow (tests and benchmarks compare the two
+// paths with it).
 bool decode_applies(const DecodeParams& p);
 void decode(const DecodeParams& p, cudaStream_t stream);
 
