@@ -14,15 +14,18 @@ python3 -m pip install -q --no-index --no-deps .whl/fused_moe-*.whl >>"$log" 2>&
 (cd /tmp && python3 -c "import fused_moe, torch; print(torch.ops.fused_moe)") >>"$log" 2>&1
 python3 -m fused_moe info >>"$log" 2>&1
 
-timeout 60 python3 benchmarks/bench_moe.py --impls fused_moe,grouped_mm \
+timeout 80 python3 benchmarks/bench_moe.py --impls fused_moe,grouped_mm \
   --json "$out/bench_moe.json" >>"$log" 2>&1
+# The few-token points again with the decode path off: what it saves.
+FUSED_MOE_DECODE=0 timeout 40 python3 benchmarks/bench_moe.py --impls fused_moe --ms 1,2,4 \
+  --json "$out/bench_moe_chain.json" >>"$log" 2>&1
 timeout 25 python3 benchmarks/bench_gemm.py --ms 1,8 --replays 20 --json "$out/bench_gemm.json" >>"$log" 2>&1
 timeout 60 python3 benchmarks/bench_ops.py --json "$out/bench_ops.json" >>"$log" 2>&1
 timeout 75 python3 benchmarks/bench_generate.py --json "$out/generate.json" >>"$log" 2>&1
 
 # test_cuda_fused_experts.py holds deepseek-v3-sized weights (28 GiB a case):
 # at most two workers, or they run out of GPU memory together.
-timeout 290 python3 -m pytest -n 12 -q -p no:cacheprovider -p no:benchmark -rfE tests \
+timeout 400 python3 -m pytest -n 12 -q -p no:cacheprovider -p no:benchmark -rfE tests \
   --deselect tests/test_cuda_fused_experts.py >"$out/tests.log" 2>&1
 timeout 170 python3 -m pytest -n 2 -q -p no:cacheprovider -p no:benchmark -rfE \
   tests/test_cuda_fused_experts.py >>"$out/tests.log" 2>&1
@@ -45,4 +48,14 @@ timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytes
   -p no:cacheprovider -p no:benchmark tests/test_cuda_grouped_gemm.py -k test_unaligned_pointers \
   >>"$san" 2>&1
 echo "memcheck gemm rc=$?" >>"$san"
+decode_subset="decode and (test_odd_shapes or test_activations_dtypes or test_expert_map or
+  test_router_weight or matches_chain or graph)"
+timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q \
+  -p no:cacheprovider -p no:benchmark tests/test_cuda_fused_experts.py -k "$decode_subset" \
+  >>"$san" 2>&1
+echo "memcheck decode rc=$?" >>"$san"
+timeout 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 -m pytest -q \
+  -p no:cacheprovider -p no:benchmark tests/test_cuda_fused_experts.py -k "decode and matches_chain" \
+  >>"$san" 2>&1
+echo "racecheck decode rc=$?" >>"$san"
 tail -3 "$out/tests.log" "$san"
