@@ -23,7 +23,7 @@ timeout 25 python3 benchmarks/bench_gemm.py --ms 1,8 --replays 20 --json "$out/b
 timeout 60 python3 benchmarks/bench_ops.py --json "$out/bench_ops.json" >>"$log" 2>&1
 timeout 75 python3 benchmarks/bench_generate.py --json "$out/generate.json" >>"$log" 2>&1
 
-# test_cuda_fused_experts.py holds deepseek-v3-sized weights (28 GiB a case):
+# test_cuda_fused_experts.py holds deepseek-v3-sized weights (21 GiB a case in bf16):
 # at most two workers, or they run out of GPU memory together.
 timeout 400 python3 -m pytest -n 12 -q -p no:cacheprovider -p no:benchmark -rfE tests \
   --deselect tests/test_cuda_fused_experts.py >"$out/tests.log" 2>&1
