@@ -128,15 +128,21 @@ def test_cuda_graph_replay_with_new_inputs(m, path):
         assert rel_err(out, ref) <= BF16_TOL
 
 
-def test_deterministic_and_batch_invariant():
-    e, k, h, inter = 64, 8, 2048, 768
+def random_batch(m, e, k, h, inter):
+    """fused_experts(rows) on the given rows of a random bf16 batch of m tokens."""
     moe = random_moe(e, h, inter, torch.bfloat16, device="cuda")
-    x = torch.randn(512, h, device="cuda", dtype=torch.bfloat16)
-    w, ids = random_routing(512, e, k, device="cuda")
-    full = fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids)
-    assert torch.equal(full, fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids))
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = random_routing(m, e, k, device="cuda")
+    return lambda rows=slice(None): fused_moe.fused_experts(x[rows], moe["w13"], moe["w2"],
+                                                            w[rows], ids[rows])
+
+
+def test_deterministic_and_batch_invariant():
+    run = random_batch(512, 64, 8, 2048, 768)
+    full = run()
+    assert torch.equal(full, run())
     for m in (1, 8, 100):  # the first m tokens alone, in a smaller batch
-        part = fused_moe.fused_experts(x[:m], moe["w13"], moe["w2"], w[:m], ids[:m])
+        part = run(slice(0, m))
         # Bit-identical needs the same GEMM configuration for both batch sizes;
         # across configurations the result may differ by rounding only.
         assert rel_err(part, full[:m]) <= 1e-2
@@ -179,12 +185,8 @@ def test_decode_is_batch_invariant(monkeypatch):
     """Each slot is computed alone on the decode path: a token gives the same
     bits whatever batch it sits in."""
     monkeypatch.setenv("FUSED_MOE_DECODE", "1")
-    e, k, h, inter = 128, 8, 2048, 768
-    moe = random_moe(e, h, inter, torch.bfloat16, device="cuda")
-    x = torch.randn(6, h, device="cuda", dtype=torch.bfloat16)
-    w, ids = random_routing(6, e, k, device="cuda")
-    full = fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids)
-    assert torch.equal(full, fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids))
+    run = random_batch(6, 128, 8, 2048, 768)
+    full = run()
+    assert torch.equal(full, run())
     for t in (0, 5):
-        alone = fused_moe.fused_experts(x[t:t + 1], moe["w13"], moe["w2"], w[t:t + 1], ids[t:t + 1])
-        assert torch.equal(alone, full[t:t + 1])
+        assert torch.equal(run(slice(t, t + 1)), full[t:t + 1])

@@ -8,8 +8,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 #include "../kernels.h"  // the parameter structs (a plain "kernels.h" would find cuda/kernels.h)
 #include "cuda/kernels.h"
@@ -35,6 +37,36 @@ inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), ke
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// What the launch heuristics need of the current device.
+struct DeviceInfo {
+  int sm_count;
+  int major, minor;    // compute capability
+  int max_smem_optin;  // bytes of shared memory a block may opt in to
+};
+
+// Queried once per device: the host code of every kernel runs on every forward.
+inline const DeviceInfo& device_info() {
+  int id = 0;
+  check_cuda(cudaGetDevice(&id), "cudaGetDevice");
+  static std::mutex mutex;
+  static std::unordered_map<int, DeviceInfo> cache;  // element references stay valid
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(id);
+  if (it == cache.end()) {
+    auto query = [id](cudaDeviceAttr attr) {
+      int value = 0;
+      check_cuda(cudaDeviceGetAttribute(&value, attr, id), "cudaDeviceGetAttribute");
+      return value;
+    };
+    it = cache.emplace(id, DeviceInfo{query(cudaDevAttrMultiProcessorCount),
+                                      query(cudaDevAttrComputeCapabilityMajor),
+                                      query(cudaDevAttrComputeCapabilityMinor),
+                                      query(cudaDevAttrMaxSharedMemoryPerBlockOptin)})
+             .first;
+  }
+  return it->second;
+}
+
 // A 1-D grid of `blocks` blocks; fails rather than truncate past the CUDA limit.
 inline unsigned grid_size(int64_t blocks, const char* op) {
   if (blocks > INT32_MAX)
@@ -56,6 +88,15 @@ __device__ __forceinline__ int local_expert(int id, const int32_t* expert_map, i
   const bool in_range = id >= 0 && id < num_experts;
   const int e = in_range && expert_map != nullptr ? expert_map[id] : id;
   return in_range && e >= 0 && e < num_local ? e : -1;
+}
+
+// Butterfly over each aligned group of L lanes (a power of two <= 32): every
+// lane ends with the same bits (sums too).
+template <int L, typename T, typename Op>
+__device__ __forceinline__ T seg_reduce(T v, Op op) {
+#pragma unroll
+  for (int o = L / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, o, L));
+  return v;
 }
 
 // ---- dtype dispatch: f(Type<T>{}) with T the CUDA type of `dtype` ----------

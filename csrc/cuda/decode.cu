@@ -163,11 +163,9 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
       }
     }
     if (c != chunks - 1) return;
+    auto plus = [](float x, float y) { return x + y; };
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(kFullMask, acc[r], o);
-    }
+    for (int r = 0; r < kRows; ++r) acc[r] = seg_reduce<32>(acc[r], plus);
     done(j, acc);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
@@ -356,19 +354,12 @@ void launch(Kernel kernel, dim3 grid, size_t smem, const DecodeParams& p, int pe
   check_cuda(cudaLaunchKernelEx(&config, kernel, p, per_warp), name);
 }
 
-int device_attribute(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
-  check_cuda(cudaGetDevice(&device), "fused_experts (decode): cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&value, attr, device), "fused_experts (decode): device query");
-  return value;
-}
-
 // Jobs per warp so that the grid is about one wave of resident blocks: every
 // block then pays its prologue (ids, staging) once, and no second, partial
 // wave runs at low occupancy.
 int per_warp(int64_t warp_jobs) {
-  const int64_t resident_warps =  // __launch_bounds__(kThreads, 2)
-      int64_t(device_attribute(cudaDevAttrMultiProcessorCount)) * 2 * kWarps;
+  // Two blocks an SM: __launch_bounds__(kThreads, 2).
+  const int64_t resident_warps = int64_t(device_info().sm_count) * 2 * kWarps;
   return static_cast<int>(std::max<int64_t>(1, ceil_div(warp_jobs, resident_warps)));
 }
 
@@ -387,7 +378,7 @@ bool decode_applies(const DecodeParams& p) {
   const char* forced = std::getenv("FUSED_MOE_DECODE");
   if (forced && std::strcmp(forced, "0") == 0) return false;
   const int64_t bytes = element_bytes(p.dtype);
-  const size_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const size_t max_smem = device_info().max_smem_optin;
   const bool shapes = bytes > 0 && p.num_tokens > 0 && p.topk > 0 && p.topk <= 32 &&
                       p.num_tokens * p.topk <= 65535 &&  // grid.y of up_kernel
                       p.hidden > 0 && (p.hidden * bytes) % 16 == 0 && up_smem(p) <= max_smem &&
@@ -425,7 +416,7 @@ void decode(const DecodeParams& p, cudaStream_t stream) {
     const dim3 grid(grid_size(ceil_div(p.hidden, kWarps * cols), name),
                     static_cast<unsigned>(p.num_tokens));
     // Programmatic dependent launch exists from sm_90 on.
-    const bool overlap = device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
+    const bool overlap = device_info().major >= 9;
     launch(down_kernel<T>, grid, down_smem(p, sizeof(T)), p, cols, overlap, stream,
            "fused_experts (decode): down_kernel");
   });

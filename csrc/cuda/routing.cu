@@ -92,14 +92,6 @@ __device__ __forceinline__ void sigmoid_all(float (&s)[N]) {
 
 // ---- reductions over the L lanes of one token ------------------------------
 
-// Butterfly over the segment: every lane ends with the same bits (sums too).
-template <int L, typename T, typename Op>
-__device__ __forceinline__ T seg_reduce(T v, Op op) {
-#pragma unroll
-  for (int o = L / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, o, L));
-  return v;
-}
-
 // A whole warp has one instruction for it (sm_80 and later, all this builds for).
 template <int L>
 __device__ __forceinline__ uint32_t seg_max_u32(uint32_t v) {

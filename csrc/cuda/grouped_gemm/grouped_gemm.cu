@@ -10,10 +10,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 
 #include <cuda_runtime_api.h>
 
@@ -39,32 +37,12 @@ bool is_fallback(const char* name) { return std::strcmp(name, "fallback") == 0; 
 
 #ifdef FUSED_MOE_SM90
 
-struct Device {
-  int sm_count;
-  bool sm90;  // compute capability exactly 9.0: sm_90a code runs nowhere else
-};
-
-// Queried once per device: this runs on every forward.
-const Device& current_device() {
-  int id = 0;
-  check_cuda(cudaGetDevice(&id), "grouped_gemm: cudaGetDevice");
-  static std::mutex mutex;
-  static std::unordered_map<int, Device> cache;  // element references stay valid
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(id);
-  if (it == cache.end()) {
-    int sms = 0, major = 0, minor = 0;
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, id), "grouped_gemm: SM count");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, id), "grouped_gemm: compute capability");
-    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, id), "grouped_gemm: compute capability");
-    it = cache.emplace(id, Device{sms, major == 9 && minor == 0}).first;
-  }
-  return it->second;
-}
+// sm_90a code runs on compute capability 9.0 only.
+bool is_sm90(const DeviceInfo& d) { return d.major == 9 && d.minor == 0; }
 
 // What the sm90 kernels need: TMA wants 16-byte aligned bases and rows.
-bool sm90_applies(const GroupedGemmParams& p, const Device& d) {
-  return d.sm90 && (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) && p.num_experts > 0 &&
+bool sm90_applies(const GroupedGemmParams& p, const DeviceInfo& d) {
+  return is_sm90(d) && (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) && p.num_experts > 0 &&
          p.k > 0 && p.n % 8 == 0 && p.k % 8 == 0 && p.n <= INT32_MAX && p.k <= INT32_MAX && aligned16(p.a) &&
          aligned16(p.w) && aligned16(p.out) && (p.bias == nullptr || aligned16(p.bias));
 }
@@ -74,7 +52,7 @@ bool sm90_applies(const GroupedGemmParams& p, const Device& d) {
 // tile whose narrow side holds a typical expert's rows (mean + ~3 sigma of a
 // Poisson count) reads each weight once; past ~48 rows the 128x256
 // cooperative tile wins at every shape measured.
-const sm90::Config& heuristic(const GroupedGemmParams& p, const Device& d) {
+const sm90::Config& heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
   const double rows_per_expert = double(p.rows) / p.num_experts;
   if (rows_per_expert <= 10) {
     const int64_t experts_used = std::min<int64_t>(p.rows, p.num_experts);
@@ -87,7 +65,7 @@ const sm90::Config& heuristic(const GroupedGemmParams& p, const Device& d) {
 }
 
 // The sm90 configuration to run, or null for the fallback.
-const sm90::Config* choose(const GroupedGemmParams& p, const Device& d) {
+const sm90::Config* choose(const GroupedGemmParams& p, const DeviceInfo& d) {
   const char* forced = forced_config();
   const sm90::Config* named = nullptr;
   if (forced && !is_fallback(forced)) {
@@ -131,7 +109,7 @@ void check_forced_config() {
 size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p) {
   if (p.rows == 0 || p.n == 0) return 0;
 #ifdef FUSED_MOE_SM90
-  const Device& d = current_device();
+  const DeviceInfo& d = device_info();
   if (choose(p, d)) return sm90_workspace_bytes(p.num_experts, d.sm_count);
 #endif
   return 0;  // the fallback needs none
@@ -140,7 +118,7 @@ size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p) {
 void grouped_gemm(const GroupedGemmParams& p, void* workspace, cudaStream_t stream) {
   if (p.rows == 0 || p.n == 0) return;
 #ifdef FUSED_MOE_SM90
-  const Device& d = current_device();
+  const DeviceInfo& d = device_info();
   if (const sm90::Config* config = choose(p, d)) return config->run(p, workspace, d.sm_count, stream);
 #else
   check_forced_config();
