@@ -22,7 +22,7 @@ from fused_moe import bench  # the PERF.md shapes and the graph-replay timer
 
 # csrc/cuda/grouped_gemm/sm90_configs.h
 SM90_CONFIGS = ["swap_64x16x128", "swap_128x16x128", "swap_128x32x128", "swap_128x64x64",
-                "coop_128x256x64"]
+                "coop_128x256x64", "ping_64x256x64"]
 TORCH = "torch._grouped_mm"
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # As listed in csrc/cuda/grouped_gemm/sm90_configs.h; built for sm_90a, so
 # they run only on compute capability 9.0 (elsewhere the names are refused).
 SM90_CONFIGS = ["swap_64x16x128", "swap_128x16x128", "swap_128x32x128", "swap_128x64x64",
-                "coop_128x256x64"]
+                "coop_128x256x64", "ping_64x256x64"]
 ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 CONFIGS = ["default", "fallback"] + (SM90_CONFIGS if ON_SM90 else [])
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}

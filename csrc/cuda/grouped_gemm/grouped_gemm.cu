@@ -50,8 +50,12 @@ bool sm90_applies(const GroupedGemmParams& p, const DeviceInfo& d) {
 // From the average rows per expert, tuned on an H200 with
 // benchmarks/bench_gemm.py over the PERF.md shapes (2026-11-29): the swap-AB
 // tile whose narrow side holds a typical expert's rows (mean + ~3 sigma of a
-// Poisson count) reads each weight once; past ~48 rows the 128x256
-// cooperative tile wins at every shape measured.
+// Poisson count) reads each weight once. Past ~48 rows the 256-wide tiles
+// win: 64 rows deep up to a few hundred rows, where a 128-row tile would pad
+// each expert's last tile by ~64 rows on average (12-25% of the work at
+// 256-512 rows), then 128 rows deep, which reads each weight tile from L2
+// half as often. The 64-row tile lost wherever N is not a multiple of 256
+// (gpt-oss-120b, 1.13x slower at 64 rows per expert), so it is not used there.
 const sm90::Config& heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
   const double rows_per_expert = double(p.rows) / p.num_experts;
   if (rows_per_expert <= 10) {
@@ -61,6 +65,7 @@ const sm90::Config& heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
   }
   if (rows_per_expert <= 24) return sm90::swap_128x32x128;
   if (rows_per_expert <= 48) return sm90::swap_128x64x64;
+  if (rows_per_expert <= 320 && p.n % 256 == 0) return sm90::ping_64x256x64;
   return sm90::coop_128x256x64;
 }
 

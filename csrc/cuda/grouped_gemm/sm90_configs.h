@@ -26,11 +26,13 @@ extern const Config swap_64x16x128;
 extern const Config swap_128x16x128;
 extern const Config swap_128x32x128;
 extern const Config swap_128x64x64;
-// Plain out = a_e w[e]^T for many rows per expert.
+// Plain out = a_e w[e]^T for many rows per expert (ping_*: a few hundred).
 extern const Config coop_128x256x64;
+extern const Config ping_64x256x64;
 
 inline const Config* const kConfigs[] = {
-    &swap_64x16x128, &swap_128x16x128, &swap_128x32x128, &swap_128x64x64, &coop_128x256x64,
+    &swap_64x16x128,  &swap_128x16x128, &swap_128x32x128,
+    &swap_128x64x64,  &coop_128x256x64, &ping_64x256x64,
 };
 
 }  // namespace fused_moe::cuda::sm90
