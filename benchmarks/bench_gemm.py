@@ -37,10 +37,14 @@ def with_config(config, fn):
 
 
 def bench_point(a, w, offsets, configs, replays, flush):
-    """{name: microseconds}, and the names whose output disagrees with torch."""
+    """{name: microseconds}, and the names whose output disagrees with torch.
+    torch._grouped_mm takes bf16 only: in an fp16 run it gets bf16 copies of
+    the operands (the same work; its output, the reference, is within bf16
+    rounding of the fp16 one)."""
     times, wrong = {}, []
+    ta, tw = a.to(torch.bfloat16), w.to(torch.bfloat16)
     times[TORCH], ref = bench.time_graph(
-        lambda: torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets[1:]), flush, replays)
+        lambda: torch._grouped_mm(ta, tw.transpose(-2, -1), offs=offsets[1:]), flush, replays)
     ref = ref.float()
     for config in configs:
         fn = lambda: torch.ops.fused_moe.grouped_gemm(a, w, offsets, None)  # noqa: E731
