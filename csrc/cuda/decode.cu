@@ -372,20 +372,24 @@ int64_t element_bytes(ScalarType dtype) {
   }
 }
 
+// Whether the kernels can take these shapes at all: 16-byte rows, K <= 32,
+// the staged vectors within shared memory.
+bool decode_fits(const DecodeParams& p) {
+  const int64_t bytes = element_bytes(p.dtype);
+  const size_t max_smem = device_info().max_smem_optin;
+  return bytes > 0 && p.num_tokens > 0 && p.topk > 0 && p.topk <= 32 &&
+         p.num_tokens * p.topk <= 65535 &&  // grid.y of up_kernel
+         p.hidden > 0 && (p.hidden * bytes) % 16 == 0 && up_smem(p) <= max_smem &&
+         p.inter > 0 && (p.inter * bytes) % 16 == 0 && down_smem(p, bytes) <= max_smem &&
+         aligned16(p.x) && aligned16(p.w13) && aligned16(p.w2);
+}
+
 }  // namespace
 
 bool decode_applies(const DecodeParams& p) {
   const char* forced = std::getenv("FUSED_MOE_DECODE");
   if (forced && std::strcmp(forced, "0") == 0) return false;
-  const int64_t bytes = element_bytes(p.dtype);
-  const size_t max_smem = device_info().max_smem_optin;
-  const bool shapes = bytes > 0 && p.num_tokens > 0 && p.topk > 0 && p.topk <= 32 &&
-                      p.num_tokens * p.topk <= 65535 &&  // grid.y of up_kernel
-                      p.hidden > 0 && (p.hidden * bytes) % 16 == 0 && up_smem(p) <= max_smem &&
-                      p.inter > 0 && (p.inter * bytes) % 16 == 0 &&
-                      down_smem(p, bytes) <= max_smem &&
-                      aligned16(p.x) && aligned16(p.w13) && aligned16(p.w2);
-  if (!shapes) return false;
+  if (!decode_fits(p)) return false;
   if (forced && std::strcmp(forced, "1") == 0) return true;
   // One token reads each chosen expert once: always. With more, this path
   // reads an expert once per slot on it (the chain once) at a lower share of
@@ -394,12 +398,14 @@ bool decode_applies(const DecodeParams& p) {
   // H200 (benchmarks/RESULTS.md): it wins up to ~400 MB of slot weights
   // (qwen3-30b-a3b M=4, gpt-oss-120b M=2) and loses past ~600 MB.
   const int64_t n13 = p.gated ? 2 * p.inter : p.inter;
-  const double slot_bytes = double(p.num_tokens) * p.topk * (n13 + p.inter) * p.hidden * bytes;
+  const double slot_bytes = double(p.num_tokens) * p.topk * (n13 + p.inter) * p.hidden *
+                            element_bytes(p.dtype);
   return p.num_tokens == 1 || slot_bytes <= kMaxSlotBytes;
 }
 
 void decode(const DecodeParams& p, cudaStream_t stream) {
-  if (!decode_applies(p) || !aligned16(p.act))
+  // The caller decided by decode_applies; only what the kernels need is checked again.
+  if (!decode_fits(p) || !aligned16(p.act))
     fail("fused_experts (decode): the shapes or the alignment do not allow this path");
   const char* name = "fused_experts (decode)";
   dispatch_float(p.dtype, name, [&](auto tag) {
