@@ -8,10 +8,14 @@
 // Routing reads little memory and is bound by instruction issue and latency:
 // one token per warp spent ~860 warp instructions per token (DeepSeek-V3
 // shape, ncu), most of them in the K argmax rounds and their bookkeeping; with
-// four tokens per warp each round serves all four (~500 per token). Each lane keeps the best key of every block of 8
-// of its keys; a round is a segment max plus a ballot, and only the winning
-// lane of each token rescans one block (from shared memory, where a block can
-// be picked at run time).
+// four tokens per warp each round serves all four (~500 per token). Each lane
+// keeps the best key of every block of 8 of its keys; a round is a segment max
+// plus a ballot, and only the winning lane of each token rescans one block
+// (from shared memory, where a block can be picked at run time). Its time
+// follows the warps an SM holds more than the instructions (64 registers, 32
+// warps): what a warp keeps through the rounds is kept small, expert counts
+// that fill the lanes skip every per-key padding test, and a chosen weight
+// comes from its key rather than a second read of the logits where it can.
 #include <cmath>
 
 #include "cuda/common.cuh"
@@ -23,15 +27,22 @@ constexpr int kWarps = 4;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
 constexpr int kBlockKeys = 8;  // keys per rescanned block
+// Blocks an SM keeps: 64 registers a thread. Latency bound, the kernel needs
+// the warps more than the registers (72 of them cost 4 warps an SM).
+constexpr int kMinBlocks = 8;
 
-// Words between two lanes' keys in shared memory: odd, so the 32 lanes'
-// key i fall in 32 different banks.
+// Words between two lanes' keys in shared memory. N % 4 == 0: N + 4, so a
+// lane's row is 16-byte aligned (written and rescanned as whole vectors) and
+// the rows of 8 neighbouring lanes start in 8 different 4-bank quads; else
+// odd, so the 32 lanes' key i fall in 32 different banks.
 template <int N>
-constexpr int kLaneStride = N == 1 ? 1 : N + 1;
+constexpr int kLaneStride = N % 4 == 0 ? N + 4 : (N == 1 ? 1 : N + 1);
 
-// Bias index in shared memory: one word of padding per 32, so the lanes of a
-// warp, reading expert sub*N + i of their token, spread over the banks.
-__host__ __device__ constexpr int padded(int e) { return e + (e >> 5); }
+// Bias index in shared memory: four words of padding per 32, so a lane's N
+// (N % 4 == 0) start 16-byte aligned and the 8 lanes of a token, reading
+// their experts sub*N + i as vectors, hit 8 different 4-bank quads. For N <= 32
+// a power of two, padded(sub*N + i) == padded(sub*N) + i.
+__host__ __device__ constexpr int padded(int e) { return e + (e >> 5) * 4; }
 
 // Keys: larger key = better. Real scores map above kKeyNan, so the reserved
 // values order: nothing (padding, already taken) < dropped group < NaN < numbers.
@@ -45,10 +56,11 @@ enum GroupMode : int {
   kGroupsInSmem = 2,   // any other group size: through shared memory
 };
 
-// Adding +0 turns -0 into +0 (equal numbers must tie); the sign then decides
-// whether the bits are flipped (negative) or just get the top bit (positive).
+// The sign decides whether the bits are flipped (negative) or just get the
+// top bit (positive). -0 would rank below +0, but no key is made from one:
+// scores are >= +0 and adding a bias to +0 rounds to +0 or the bias.
 __device__ __forceinline__ uint32_t order_key(float f) {
-  const uint32_t u = __float_as_uint(f + 0.0f);
+  const uint32_t u = __float_as_uint(f);
   const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
   return f != f ? kKeyNan : k;  // -inf -> 0x007fffff > kKeyNan
 }
@@ -90,6 +102,51 @@ __device__ __forceinline__ void sigmoid_all(float (&s)[N]) {
   }
 }
 
+// Copies n (4 or 16) bytes to shared memory without passing through
+// registers; the thread waits for its copies with cp_async_wait_all.
+template <int n>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(gmem), "n"(n) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// The warp's own copy of the bias, experts [0, n) at padded() indices (zeros
+// past E), by cp.async: 16-byte pieces where the source allows.
+template <int n>
+__device__ __forceinline__ void stage_bias(const float* bias, int E, int lane, float* dst) {
+  const bool whole = aligned16(bias);
+  for (int e = lane * 4; e < n; e += 128) {
+    if (whole && e + 4 <= E) {
+      cp_async<16>(dst + padded(e), bias + e);
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4 && e + q < n; ++q) {
+        if (e + q < E) {
+          cp_async<4>(dst + padded(e + q), bias + e + q);
+        } else {
+          dst[padded(e + q)] = 0.0f;
+        }
+      }
+    }
+  }
+}
+
+// threadIdx.x and blockIdx.x read anew at every call (volatile): a value
+// derived from them is recomputed where used instead of held in a register.
+__device__ __forceinline__ int thread_index() {
+  int v;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
+  return v;
+}
+
+__device__ __forceinline__ int block_index() {
+  int v;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
+  return v;
+}
+
 // ---- reductions over the L lanes of one token ------------------------------
 
 // A whole warp has one instruction for it (sm_80 and later, all this builds for).
@@ -102,10 +159,11 @@ __device__ __forceinline__ uint32_t seg_max_u32(uint32_t v) {
   }
 }
 
-// The lowest lane of the segment (0..L-1) holding the segment's largest v.
+// The lowest lane of the segment (0..L-1) holding the segment's largest v,
+// which every lane of the segment gets in `best`.
 template <int L>
-__device__ __forceinline__ int seg_argmax(uint32_t v, int lane) {
-  const uint32_t best = seg_max_u32<L>(v);
+__device__ __forceinline__ int seg_argmax(uint32_t v, int lane, uint32_t& best) {
+  best = seg_max_u32<L>(v);
   uint32_t tied = __ballot_sync(kFullMask, v == best);
   if constexpr (L < 32) tied = (tied >> (lane & ~(L - 1))) & ((1u << L) - 1);
   return __ffs(tied) - 1;
@@ -150,7 +208,38 @@ __device__ __forceinline__ uint32_t group_key(uint32_t a, uint32_t b, bool sum_t
   return sum_top2 ? order_key(key_value(a) + key_value(b)) : a;
 }
 
-// ---- one lane's share of the repeated argmax -------------------------------
+// ---- one lane's keys in shared memory ---------------------------------------
+
+// v[0..n) to or from a lane's row of keys or biases (4-byte T): whole
+// 16-byte accesses when n % 4 == 0, which the layouts above keep aligned.
+template <int n, typename T>
+__device__ __forceinline__ void store_row(T* row, const T (&v)[n]) {
+  if constexpr (n % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < n; i += 4) {
+      uint4 w;
+      memcpy(&w, &v[i], sizeof(w));
+      reinterpret_cast<uint4*>(row)[i / 4] = w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < n; ++i) row[i] = v[i];
+  }
+}
+
+template <int n, typename T>
+__device__ __forceinline__ void load_row(const T* row, T (&v)[n]) {
+  if constexpr (n % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < n; i += 4) {
+      const uint4 w = reinterpret_cast<const uint4*>(row)[i / 4];
+      memcpy(&v[i], &w, sizeof(w));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < n; ++i) v[i] = row[i];
+  }
+}
 
 // The lane's N keys live in shared memory (`keys`) as blocks of B keys; in
 // registers it keeps each block's best untaken key and slot, and the best of
@@ -186,10 +275,12 @@ struct LaneTop {
   __device__ __forceinline__ void pop(uint32_t* keys) {
     keys[slot] = kKeyNone;
     const int first = slot & ~(B - 1);
-    uint32_t nb = keys[first];
+    uint32_t k[B];
+    load_row<B>(keys + first, k);
+    uint32_t nb = k[0];
     int ns = first;
 #pragma unroll
-    for (int j = 1; j < B; ++j) keep_better(keys[first + j], first + j, nb, ns);
+    for (int j = 1; j < B; ++j) keep_better(k[j], first + j, nb, ns);
     const int b = first / B;
 #pragma unroll
     for (int c = 0; c < kBlocks; ++c) {
@@ -197,6 +288,20 @@ struct LaneTop {
       block_slot[c] = c == b ? ns : block_slot[c];
     }
     pick();
+  }
+
+  // The lane's second key (of the multiset: a tie with the best counts): the
+  // best of the other blocks or of the rest of the best's block.
+  __device__ __forceinline__ uint32_t second(const uint32_t* keys) const {
+    const int first = slot & ~(B - 1);
+    uint32_t k[B];
+    load_row<B>(keys + first, k);
+    uint32_t r = kKeyNone;
+#pragma unroll
+    for (int j = 0; j < B; ++j) r = first + j == slot ? r : max(r, k[j]);
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b) r = b == first / B ? r : max(r, block_best[b]);
+    return r;
   }
 
   // Every key of this lane becomes `v` (its group was dropped); never rescanned.
@@ -232,7 +337,8 @@ __device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, in
   uint32_t cand = real ? group_key(a, b, g.sum_top2) : kKeyNone;
   bool kept = false;
   for (int r = 0; r < p.topk_group; ++r) {
-    const int winner = seg_argmax<L>(cand, lane);
+    uint32_t best;
+    const int winner = seg_argmax<L>(cand, lane, best);
     if ((sub >> g.lane_shift) == (winner >> g.lane_shift)) kept = true, cand = kKeyNone;
   }
   if (real && !kept) top.fill(kKeyMasked);
@@ -265,7 +371,8 @@ __device__ void mask_groups_in_smem(const TopkParams& p, const GroupInfo& g, int
     uint32_t best = kKeyNone;
     int best_group = begin;
     for (int q = begin; q < end; ++q) keep_better(kept[q] ? kKeyNone : group[q], q, best, best_group);
-    const int winner = seg_argmax<L>(best, lane);
+    uint32_t top;
+    const int winner = seg_argmax<L>(best, lane, top);
     if (sub == winner) kept[best_group] = 1;
     __syncwarp();
   }
@@ -278,100 +385,115 @@ __device__ void mask_groups_in_smem(const TopkParams& p, const GroupInfo& g, int
 
 // ---- the kernel ------------------------------------------------------------
 
-template <typename T, int N, int L>
-__global__ void __launch_bounds__(kWarps * 32)
+// The kernel's static shared memory: keys, the warps' bias copies, softmax
+// max and sum.
+template <int N, int L>
+constexpr size_t kStaticSmem = kWarps * (32 * kLaneStride<N> * sizeof(uint32_t) +
+                                         padded(L * N) * sizeof(float) + 32 / L * sizeof(float2));
+
+// kPad: E < L * N, so the last lanes hold padding past E that must never win.
+template <typename T, int N, int L, bool kPad>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     topk_kernel(TopkParams p, GroupInfo g) {
   constexpr int kTokensPerWarp = 32 / L;
   constexpr int kChoices = (kMaxTopk + L - 1) / L;  // choices a lane may hold
-  __shared__ uint32_t key_smem[kWarps][32][kLaneStride<N>];
-  __shared__ float bias_smem[padded(kMaxExperts)];
+  // Sized as kStaticSmem counts them.
+  __shared__ __align__(16) uint32_t key_smem[kWarps][32][kLaneStride<N>];
+  __shared__ __align__(16) float bias_smem[kWarps][padded(L * N)];
+  __shared__ float2 softmax_smem[kWarps][kTokensPerWarp];  // a token's max and sum
   extern __shared__ uint32_t group_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane & (L - 1);
-  const int64_t first_token = (int64_t(blockIdx.x) * kWarps + warp) * kTokensPerWarp;
-  const bool active = first_token < p.num_tokens;  // per warp
-  const int64_t token = first_token + lane / L;
-  const bool valid = token < p.num_tokens;  // others compute on a real row, store nothing
   const int E = p.num_experts, K = p.topk, first = sub * N;
-  const T* row = static_cast<const T*>(p.logits) + (valid ? token : first_token) * E;
+  // The warp's first token, and this lane's (a valid token or, past the end,
+  // the first one's row: computed on, never stored). Read again where used
+  // rather than held in registers through the rounds.
+  auto first_token = [] { return (int64_t(block_index()) * kWarps + (thread_index() >> 5)) * kTokensPerWarp; };
+  auto token = [&] { return first_token() + (thread_index() & 31) / L; };
+  auto row_token = [&] { return token() < p.num_tokens ? token() : first_token(); };
+  auto logits_row = [&] { return static_cast<const T*>(p.logits) + row_token() * E; };
+  const bool active = first_token() < p.num_tokens;  // per warp
   const bool softmax = p.scoring == Scoring::kSoftmax;
+  auto real = [&](int i) { return !kPad || first + i < E; };  // key i of this lane is an expert
 
-  // Scores. The softmax max and sum are kept: a chosen expert's weight is
-  // recomputed from its logit with the same operations, so it has the same bits.
-  float s[N];
-  if (active) load_lane<N>(row, first, E, -INFINITY, s);
-  // Every token adds the same bias: the block stages it once, while its
-  // logits are in flight, so neither load waits for the other.
-  if (p.bias != nullptr) {
-    for (int e = threadIdx.x; e < E; e += kWarps * 32) bias_smem[padded(e)] = p.bias[e];
-    __syncthreads();
-  }
   if (!active) return;  // the whole warp leaves together
-  float mx = 0.0f, sum = 0.0f;
+  // Every token adds the same bias: each warp copies it to shared memory by
+  // cp.async, ahead of its logits and waited for only when the scores are
+  // done, so no warp waits on another's loads or holds the bias in registers.
+  const bool bias = p.bias != nullptr;
+  if (bias) stage_bias<L * N>(p.bias, E, lane, bias_smem[warp]);
+  float s[N];
+  load_lane<N>(logits_row(), first, E, -INFINITY, s);
   if (softmax) {
-    mx = -INFINITY;
+    float mx = -INFINITY, sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < N; ++i) mx = fmaxf(mx, s[i]);  // fmaxf skips NaN
     mx = seg_reduce<L>(mx, [](float x, float y) { return fmaxf(x, y); });
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      s[i] = first + i < E ? expf(s[i] - mx) : 0.0f;
+      s[i] = real(i) ? expf(s[i] - mx) : 0.0f;
       sum += s[i];
     }
     sum = seg_reduce<L>(sum, [](float x, float y) { return x + y; });
 #pragma unroll
     for (int i = 0; i < N; ++i) s[i] = s[i] / sum;
+    if (sub == 0) softmax_smem[warp][lane / L] = make_float2(mx, sum);  // to score chosen logits again
   } else {
     sigmoid_all<N>(s);
   }
 
   // Selection keys: biased scores; padding past E never wins.
-  if (p.bias != nullptr) {
+  if (bias) {
+    cp_async_wait_all();
+    __syncwarp();
+    float b[N];
+    load_row<N>(bias_smem[warp] + padded(first), b);
 #pragma unroll
-    for (int i = 0; i < N; ++i) s[i] += first + i < E ? bias_smem[padded(first + i)] : 0.0f;
+    for (int i = 0; i < N; ++i) s[i] += b[i];
   }
   uint32_t key[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) key[i] = first + i < E ? order_key(s[i]) : kKeyNone;
+  for (int i = 0; i < N; ++i) key[i] = real(i) ? order_key(s[i]) : kKeyNone;
 
   uint32_t* keys = key_smem[warp][lane];  // this lane's N
   if (g.mode == kGroupsInSmem) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) keys[i] = key[i];
+    store_row<N>(keys, key);
     __syncwarp();
     uint32_t* smem = group_smem + (warp * kTokensPerWarp + lane / L) * 2 * p.num_groups;
     mask_groups_in_smem<N, L>(p, g, lane, sub, key_smem[warp][lane & ~(L - 1)], smem, key);
     __syncwarp();
   }
-#pragma unroll
-  for (int i = 0; i < N; ++i) keys[i] = key[i];
+  store_row<N>(keys, key);
   LaneTop<N> top;
   top.init(key);
-  if (g.mode == kGroupsInLanes) {
-    uint32_t a = kKeyNone, b = kKeyNone;  // the lane's top two
-#pragma unroll
-    for (int i = 0; i < N; ++i) push_top2(key[i], a, b);
-    mask_groups_in_lanes<N, L>(p, g, lane, sub, a, b, top);
-  }
+  if (g.mode == kGroupsInLanes) mask_groups_in_lanes<N, L>(p, g, lane, sub, top.best, top.second(keys), top);
 
-  // Choice k is kept by lane k % L of the segment, in its slot k / L.
+  // Choice k is kept by lane k % L of the segment, in its slot k / L. A
+  // weight is the chosen expert's score: without a bias, its key's value
+  // (the same bits); with one, its logit scored again with the same operations.
   int id[kChoices] = {};
+  float weight[kChoices] = {};
 #pragma unroll
   for (int c = 0; c < kChoices; ++c) {
     for (int j = 0; j < L && c * L + j < K; ++j) {
-      const int winner = seg_argmax<L>(top.best, lane);
+      uint32_t best;
+      const int winner = seg_argmax<L>(top.best, lane, best);
       const int slot = __shfl_sync(kFullMask, top.slot, winner, L);
-      if (sub == j) id[c] = winner * N + slot;
+      if (sub == j) {
+        id[c] = winner * N + slot;
+        weight[c] = key_value(best);
+      }
       if (sub == winner) top.pop(keys);
     }
   }
-
-  float weight[kChoices];
+  if (bias) {
+    const T* row = logits_row();
+    const float2 norm = softmax ? softmax_smem[warp][lane / L] : make_float2(0.0f, 0.0f);
 #pragma unroll
-  for (int c = 0; c < kChoices; ++c) {
-    weight[c] = 0.0f;
-    if (c * L + sub < K) {
-      const float x = to_float(row[id[c]]);
-      weight[c] = softmax ? expf(x - mx) / sum : sigmoid(x);
+    for (int c = 0; c < kChoices; ++c) {
+      if (c * L + sub < K) {
+        const float x = to_float(row[id[c]]);
+        weight[c] = softmax ? expf(x - norm.x) / norm.y : sigmoid(x);
+      }
     }
   }
   // The CPU kernel's formula and summation order: w * (scale / (w_0 + w_1 + ...)).
@@ -384,13 +506,13 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   const float scale = p.routed_scaling_factor / total;
-  if (!valid) return;
+  if (token() >= p.num_tokens) return;
 #pragma unroll
   for (int c = 0; c < kChoices; ++c) {
     const int k = c * L + sub;
     if (k < K) {
-      p.ids[token * K + k] = id[c];
-      p.weights[token * K + k] = weight[c] * scale;
+      p.ids[token() * K + k] = id[c];
+      p.weights[token() * K + k] = weight[c] * scale;
     }
   }
 }
@@ -419,22 +541,28 @@ GroupInfo group_info(const TopkParams& p, int n) {
   return g;
 }
 
-template <typename T, int N, int L>
-void launch(const TopkParams& p, cudaStream_t stream) {
+template <typename T, int N, int L, bool kPad>
+void launch_kernel(const TopkParams& p, cudaStream_t stream) {
   constexpr int tokens_per_block = kWarps * (32 / L);
   const GroupInfo g = group_info(p, N);
   const size_t smem =
       g.mode == kGroupsInSmem ? size_t(tokens_per_block) * 2 * p.num_groups * sizeof(uint32_t) : 0;
   // Past 48 KiB with the static arrays (many tiny groups, e.g. 512 groups of
   // one expert) the kernel must opt in to more shared memory.
-  if (smem > 16 * 1024) {
-    check_cuda(cudaFuncSetAttribute(topk_kernel<T, N, L>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  if (smem + kStaticSmem<N, L> > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(topk_kernel<T, N, L, kPad>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "topk (CUDA): shared memory for the group scores");
   }
   const int64_t blocks = ceil_div(p.num_tokens, tokens_per_block);
-  topk_kernel<T, N, L><<<grid_size(blocks, "topk"), kWarps * 32, smem, stream>>>(p, g);
+  topk_kernel<T, N, L, kPad><<<grid_size(blocks, "topk"), kWarps * 32, smem, stream>>>(p, g);
   check_launch("topk_kernel");
+}
+
+template <typename T, int N, int L>
+void launch(const TopkParams& p, cudaStream_t stream) {
+  if (p.num_experts == N * L) return launch_kernel<T, N, L, false>(p, stream);
+  launch_kernel<T, N, L, true>(p, stream);
 }
 
 // Keys per lane N and lanes per token L: 8 lanes up to 256 experts (four
