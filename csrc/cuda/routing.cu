@@ -436,7 +436,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     sum = seg_reduce<L>(sum, [](float x, float y) { return x + y; });
 #pragma unroll
     for (int i = 0; i < N; ++i) s[i] = s[i] / sum;
-    if (sub == 0) softmax_smem[warp][lane / L] = make_float2(mx, sum);  // to score chosen logits again
+    if (bias && sub == 0) softmax_smem[warp][lane / L] = make_float2(mx, sum);  // to score chosen logits again
   } else {
     sigmoid_all<N>(s);
   }
@@ -486,6 +486,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     }
   }
   if (bias) {
+    __syncwarp();  // the token's softmax_smem entry was written by its first lane
     const T* row = logits_row();
     const float2 norm = softmax ? softmax_smem[warp][lane / L] : make_float2(0.0f, 0.0f);
 #pragma unroll
