@@ -255,6 +255,20 @@ def test_unaligned_inputs(dtype):
                             ops.activation(y, "silu", True))
 
 
+@pytest.mark.parametrize("num_experts,groups", [(256, 8), (60, 4)])
+def test_unaligned_bias(num_experts, groups):
+    # The kernel copies the bias to shared memory in 16-byte pieces when it is
+    # aligned and one float at a time when not: both must route alike.
+    logits = torch.randn(130, num_experts, device="cuda")
+    bias = 0.1 * torch.randn(num_experts, device="cuda")
+    args = (6, True, "sigmoid")
+    want = ops.topk(logits, *args, bias, groups, groups // 2, 2.5)
+    got = ops.topk(logits, *args, unaligned(bias), groups, groups // 2, 2.5)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    cpu_ids = ops.topk(logits.cpu(), *args, bias.cpu(), groups, groups // 2, 2.5)[1]
+    assert (got[1].cpu() == cpu_ids).all(dim=1).double().mean() >= 0.99
+
+
 # --- determinism, batch invariance, CUDA graphs -----------------------------------
 
 
