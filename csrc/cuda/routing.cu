@@ -169,6 +169,12 @@ __device__ __forceinline__ int seg_argmax(uint32_t v, int lane, uint32_t& best) 
   return __ffs(tied) - 1;
 }
 
+template <int L>
+__device__ __forceinline__ int seg_argmax(uint32_t v, int lane) {
+  uint32_t best;
+  return seg_argmax<L>(v, lane, best);
+}
+
 // x[i] = row[first + i] for first + i < n, else `fill`; whole 16-byte loads
 // when this lane's N elements are aligned vectors.
 template <int N, typename T>
@@ -337,8 +343,7 @@ __device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, in
   uint32_t cand = real ? group_key(a, b, g.sum_top2) : kKeyNone;
   bool kept = false;
   for (int r = 0; r < p.topk_group; ++r) {
-    uint32_t best;
-    const int winner = seg_argmax<L>(cand, lane, best);
+    const int winner = seg_argmax<L>(cand, lane);
     if ((sub >> g.lane_shift) == (winner >> g.lane_shift)) kept = true, cand = kKeyNone;
   }
   if (real && !kept) top.fill(kKeyMasked);
@@ -371,8 +376,7 @@ __device__ void mask_groups_in_smem(const TopkParams& p, const GroupInfo& g, int
     uint32_t best = kKeyNone;
     int best_group = begin;
     for (int q = begin; q < end; ++q) keep_better(kept[q] ? kKeyNone : group[q], q, best, best_group);
-    uint32_t top;
-    const int winner = seg_argmax<L>(best, lane, top);
+    const int winner = seg_argmax<L>(best, lane);
     if (sub == winner) kept[best_group] = 1;
     __syncwarp();
   }
@@ -385,11 +389,13 @@ __device__ void mask_groups_in_smem(const TopkParams& p, const GroupInfo& g, int
 
 // ---- the kernel ------------------------------------------------------------
 
-// The kernel's static shared memory: keys, the warps' bias copies, softmax
-// max and sum.
+// The kernel's static shared memory (the host sizes its launch by it).
 template <int N, int L>
-constexpr size_t kStaticSmem = kWarps * (32 * kLaneStride<N> * sizeof(uint32_t) +
-                                         padded(L * N) * sizeof(float) + 32 / L * sizeof(float2));
+struct StaticSmem {
+  alignas(16) uint32_t keys[kWarps][32][kLaneStride<N>];  // each lane's row
+  alignas(16) float bias[kWarps][padded(L * N)];           // each warp's copy
+  float2 softmax[kWarps][32 / L];                          // a token's max and sum
+};
 
 // kPad: E < L * N, so the last lanes hold padding past E that must never win.
 template <typename T, int N, int L, bool kPad>
@@ -397,10 +403,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     topk_kernel(TopkParams p, GroupInfo g) {
   constexpr int kTokensPerWarp = 32 / L;
   constexpr int kChoices = (kMaxTopk + L - 1) / L;  // choices a lane may hold
-  // Sized as kStaticSmem counts them.
-  __shared__ __align__(16) uint32_t key_smem[kWarps][32][kLaneStride<N>];
-  __shared__ __align__(16) float bias_smem[kWarps][padded(L * N)];
-  __shared__ float2 softmax_smem[kWarps][kTokensPerWarp];  // a token's max and sum
+  __shared__ StaticSmem<N, L> shared;
+  auto& key_smem = shared.keys;
+  auto& bias_smem = shared.bias;
+  auto& softmax_smem = shared.softmax;
   extern __shared__ uint32_t group_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane & (L - 1);
   const int E = p.num_experts, K = p.topk, first = sub * N;
@@ -550,7 +556,7 @@ void launch_kernel(const TopkParams& p, cudaStream_t stream) {
       g.mode == kGroupsInSmem ? size_t(tokens_per_block) * 2 * p.num_groups * sizeof(uint32_t) : 0;
   // Past 48 KiB with the static arrays (many tiny groups, e.g. 512 groups of
   // one expert) the kernel must opt in to more shared memory.
-  if (smem + kStaticSmem<N, L> > 48 * 1024) {
+  if (smem + sizeof(StaticSmem<N, L>) > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(topk_kernel<T, N, L, kPad>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "topk (CUDA): shared memory for the group scores");
