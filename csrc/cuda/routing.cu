@@ -8,10 +8,10 @@
 // Routing reads little memory and is bound by instruction issue and latency:
 // one token per warp spent ~860 warp instructions per token (DeepSeek-V3
 // shape, ncu), most of them in the K argmax rounds and their bookkeeping; with
-// four tokens per warp each round serves all four (~500 per token). Each lane
-// keeps the best key of every block of 8 of its keys; a round is a segment max
-// plus a ballot, and only the winning lane of each token rescans one block
-// (from shared memory, where a block can be picked at run time). Its time
+// four tokens per warp each round serves all four (~500 per token). A round
+// is a segment max plus a ballot; then the token's L lanes rescan the
+// winner's row together (from shared memory, where a row can be picked at
+// run time) for its next best. Its time
 // follows the warps an SM holds more than the instructions (64 registers, 32
 // warps): what a warp keeps through the rounds is kept small, expert counts
 // that fill the lanes skip every per-key padding test, and a chosen weight
@@ -26,7 +26,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
-constexpr int kBlockKeys = 8;  // keys per rescanned block
+constexpr int kBlockKeys = 8;  // keys per block of a lane's first scan
 // Blocks an SM keeps: 64 registers a thread. Latency bound, the kernel needs
 // the warps more than the registers (72 of them cost 4 warps an SM).
 constexpr int kMinBlocks = 8;
@@ -247,9 +247,9 @@ __device__ __forceinline__ void load_row(const T* row, T (&v)[n]) {
   }
 }
 
-// The lane's N keys live in shared memory (`keys`) as blocks of B keys; in
-// registers it keeps each block's best untaken key and slot, and the best of
-// those. Strict comparisons while slots ascend: equal keys keep the lower slot.
+// The lane's first scan of its N keys, as blocks of B keys: each block's best
+// key and slot, the best of those and the second key (group scores).
+// Strict comparisons while slots ascend: equal keys keep the lower slot.
 template <int N>
 struct LaneTop {
   static constexpr int B = N < kBlockKeys ? N : kBlockKeys;
@@ -277,25 +277,6 @@ struct LaneTop {
     for (int b = 1; b < kBlocks; ++b) keep_better(block_best[b], block_slot[b], best, slot);
   }
 
-  // This lane's best was chosen: take it out and rescan its block.
-  __device__ __forceinline__ void pop(uint32_t* keys) {
-    keys[slot] = kKeyNone;
-    const int first = slot & ~(B - 1);
-    uint32_t k[B];
-    load_row<B>(keys + first, k);
-    uint32_t nb = k[0];
-    int ns = first;
-#pragma unroll
-    for (int j = 1; j < B; ++j) keep_better(k[j], first + j, nb, ns);
-    const int b = first / B;
-#pragma unroll
-    for (int c = 0; c < kBlocks; ++c) {
-      block_best[c] = c == b ? nb : block_best[c];
-      block_slot[c] = c == b ? ns : block_slot[c];
-    }
-    pick();
-  }
-
   // The lane's second key (of the multiset: a tie with the best counts): the
   // best of the other blocks or of the rest of the best's block.
   __device__ __forceinline__ uint32_t second(const uint32_t* keys) const {
@@ -317,6 +298,33 @@ struct LaneTop {
     best = v;
   }
 };
+
+// After a round took key `taken` of lane `winner`'s row, the L lanes of the
+// token rescan that row together, R = N / L keys each (16 bytes for N = 32,
+// L = 8), and a segment argmax gives its new best and slot: every lane works,
+// where one lane rescanning alone left 7 of 8 idle and kept each block's best
+// in registers.
+template <int N, int L>
+__device__ __forceinline__ void take_and_rescan(uint32_t* row, int taken, int winner, int sub, int lane,
+                                                uint32_t& best, int& slot) {
+  constexpr int R = N / L > 0 ? N / L : 1;
+  if (sub == winner) row[taken] = kKeyNone;
+  __syncwarp();
+  uint32_t b = kKeyNone;
+  int s = 0;
+  if (sub * R < N) {
+    uint32_t k[R];
+    load_row<R>(row + sub * R, k);
+    b = k[0];
+    s = sub * R;
+#pragma unroll
+    for (int j = 1; j < R; ++j) keep_better(k[j], sub * R + j, b, s);
+  }
+  uint32_t row_best;
+  const int owner = seg_argmax<L>(b, lane, row_best);
+  const int row_slot = __shfl_sync(kFullMask, s, owner, L);
+  if (sub == winner) best = row_best, slot = row_slot;
+}
 
 // ---- grouped top-k ---------------------------------------------------------
 
@@ -476,19 +484,22 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   // Choice k is kept by lane k % L of the segment, in its slot k / L. A
   // weight is the chosen expert's score: without a bias, its key's value
   // (the same bits); with one, its logit scored again with the same operations.
+  uint32_t best = top.best;
+  int slot = top.slot;
+  uint32_t* rows = key_smem[warp][lane & ~(L - 1)];  // the token's L rows
   int id[kChoices] = {};
   float weight[kChoices] = {};
 #pragma unroll
   for (int c = 0; c < kChoices; ++c) {
     for (int j = 0; j < L && c * L + j < K; ++j) {
-      uint32_t best;
-      const int winner = seg_argmax<L>(top.best, lane, best);
-      const int slot = __shfl_sync(kFullMask, top.slot, winner, L);
+      uint32_t chosen;
+      const int winner = seg_argmax<L>(best, lane, chosen);
+      const int taken = __shfl_sync(kFullMask, slot, winner, L);
       if (sub == j) {
-        id[c] = winner * N + slot;
-        weight[c] = key_value(best);
+        id[c] = winner * N + taken;
+        weight[c] = key_value(chosen);
       }
-      if (sub == winner) top.pop(keys);
+      take_and_rescan<N, L>(rows + winner * kLaneStride<N>, taken, winner, sub, lane, best, slot);
     }
   }
   if (bias) {
@@ -503,14 +514,15 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       }
     }
   }
-  // The CPU kernel's formula and summation order: w * (scale / (w_0 + w_1 + ...)).
+  // w * (scale / the sum of the chosen w): each lane adds its own choices,
+  // then a butterfly over the token's lanes, with no loop bounded by K (the
+  // CPU kernel adds w_0 + w_1 + ... in order: the sums may differ in the last bit).
   float total = 1.0f;
   if (p.renormalize) {
     total = 0.0f;
 #pragma unroll
-    for (int c = 0; c < kChoices; ++c) {
-      for (int j = 0; j < L && c * L + j < K; ++j) total += __shfl_sync(kFullMask, weight[c], j, L);
-    }
+    for (int c = 0; c < kChoices; ++c) total += c * L + sub < K ? weight[c] : 0.0f;
+    total = seg_reduce<L>(total, [](float x, float y) { return x + y; });
   }
   const float scale = p.routed_scaling_factor / total;
   if (token() >= p.num_tokens) return;
