@@ -11,11 +11,12 @@
 // four tokens per warp each round serves all four (~500 per token). A round
 // is a segment max plus a ballot; then the token's L lanes rescan the
 // winner's row together (from shared memory, where a row can be picked at
-// run time) for its next best. Its time
-// follows the warps an SM holds more than the instructions (64 registers, 32
-// warps): what a warp keeps through the rounds is kept small, expert counts
-// that fill the lanes skip every per-key padding test, and a chosen weight
-// comes from its key rather than a second read of the logits where it can.
+// run time) for its next best. Its time follows the warps an SM holds and
+// the memory system more than the instruction count (64 registers, 32 warps):
+// what a warp keeps through the rounds is kept small, expert counts that fill
+// the lanes skip every per-key padding test, the logits pass through L2
+// evict-first, and a chosen weight comes from its key rather than a second
+// read of the logits where it can.
 #include <cmath>
 
 #include "cuda/common.cuh"
@@ -72,33 +73,20 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// sigmoid on N values with the same bits as sigmoid(): 1 / y for y = 1 + e^-x
-// in [1, 2^126) is the reciprocal's fast path (one MUFU.RCP and a Newton step,
-// what the compiler emits for that range); the full division runs only for a
-// chunk of 8 where some y is outside it (huge or NaN). Chunks keep few values live.
+// Selection scores: sigmoid from the hardware's exp2 and reciprocal
+// approximations (relative error ~2^-21; four instructions a key instead of
+// ~12, which bought 1.5-2 us of 31.5 on the DeepSeek-V3 shape). A selection
+// differs from the exact one only among scores a few ulp apart, as the CPU
+// kernel's std::exp against expf already allows. e^-x overflowing gives 0,
+// underflowing 1; NaN stays NaN. Biased weights are scored again by sigmoid().
 template <int N>
 __device__ __forceinline__ void sigmoid_all(float (&s)[N]) {
-  constexpr int C = N < 8 ? N : 8;
 #pragma unroll
-  for (int c0 = 0; c0 < N; c0 += C) {
-    float y[C];
-    bool slow = false;
-#pragma unroll
-    for (int i = 0; i < C; ++i) {
-      y[i] = 1.0f + expf(-s[c0 + i]);
-      slow |= !(y[i] < 0x1p126f);
-    }
-    if (slow) {
-#pragma unroll
-      for (int i = 0; i < C; ++i) s[c0 + i] = 1.0f / y[i];
-    } else {
-#pragma unroll
-      for (int i = 0; i < C; ++i) {
-        float r;
-        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y[i]));
-        s[c0 + i] = fmaf(r, fmaf(-y[i], r, 1.0f), r);
-      }
-    }
+  for (int i = 0; i < N; ++i) {
+    float e, r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-1.4426950408889634f * s[i]));
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
+    s[i] = r;
   }
 }
 
@@ -175,6 +163,21 @@ __device__ __forceinline__ int seg_argmax(uint32_t v, int lane) {
   return seg_argmax<L>(v, lane, best);
 }
 
+// Logits are read once: evict-first in L2, so their lines replace each other
+// rather than lines other kernels wrote (the GEMMs' weights, or dirty lines
+// whose write-back would share the bandwidth with this read).
+template <typename T, int P>
+__device__ __forceinline__ Pack<T, P> load_stream(const T* p) {
+  Pack<T, P> r;
+  if constexpr (P == 1) {
+    r.e[0] = __ldcs(p);
+  } else {
+    const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
+    memcpy(&r, &raw, sizeof(r));
+  }
+  return r;
+}
+
 // x[i] = row[first + i] for first + i < n, else `fill`; whole 16-byte loads
 // when this lane's N elements are aligned vectors.
 template <int N, typename T>
@@ -185,7 +188,7 @@ __device__ __forceinline__ void load_lane(const T* row, int first, int n, float 
     if (first + N <= n && aligned16(row + first)) {
 #pragma unroll
       for (int j = 0; j < N; j += P) {
-        const Pack<T, P> v = load_pack<T, P>(row + first + j);
+        const Pack<T, P> v = load_stream<T, P>(row + first + j);
 #pragma unroll
         for (int q = 0; q < P; ++q) x[j + q] = to_float(v.e[q]);
       }
@@ -308,6 +311,7 @@ template <int N, int L>
 __device__ __forceinline__ void take_and_rescan(uint32_t* row, int taken, int winner, int sub, int lane,
                                                 uint32_t& best, int& slot) {
   constexpr int R = N / L > 0 ? N / L : 1;
+  __syncwarp();  // the last round's reads of this row come first
   if (sub == winner) row[taken] = kKeyNone;
   __syncwarp();
   uint32_t b = kKeyNone;
@@ -336,11 +340,11 @@ struct GroupInfo {
 };
 
 // Group size a power of two >= N: group g is the lanes g << lane_shift
-// onward. The lanes' top two merge by butterflies into the group's top two;
-// the kept groups are chosen one per round.
+// onward. The lanes' top two merge by butterflies into the group's top two,
+// and each group counts the groups that beat it.
 template <int N, int L>
-__device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, int lane, int sub,
-                                     uint32_t a, uint32_t b, LaneTop<N>& top) {
+__device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, int sub, uint32_t a,
+                                     uint32_t b, LaneTop<N>& top) {
   for (int o = 1; o < (1 << g.lane_shift); o <<= 1) {
     const uint32_t a2 = __shfl_xor_sync(kFullMask, a, o, L);
     const uint32_t b2 = __shfl_xor_sync(kFullMask, b, o, L);
@@ -348,13 +352,20 @@ __device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, in
     a = max(a, a2);
   }
   const bool real = sub * N < p.num_experts;  // lanes past E hold no group
-  uint32_t cand = real ? group_key(a, b, g.sum_top2) : kKeyNone;
-  bool kept = false;
-  for (int r = 0; r < p.topk_group; ++r) {
-    const int winner = seg_argmax<L>(cand, lane);
-    if ((sub >> g.lane_shift) == (winner >> g.lane_shift)) kept = true, cand = kKeyNone;
+  const uint32_t cand = real ? group_key(a, b, g.sum_top2) : kKeyNone;
+  // A group is kept if fewer than topk_group others beat it (ties: the lower
+  // group). Lane sub ^ o, o a multiple of the lanes a group spans, is in
+  // another group, each once: independent shuffles rather than topk_group
+  // argmax rounds one after another.
+  const int group = sub >> g.lane_shift;
+  int rank = 0;
+#pragma unroll
+  for (int o = 1; o < L; ++o) {
+    if ((o >> g.lane_shift) << g.lane_shift != o) continue;
+    const uint32_t other = __shfl_xor_sync(kFullMask, cand, o, L);
+    rank += other > cand || (other == cand && ((sub ^ o) >> g.lane_shift) < group);
   }
-  if (real && !kept) top.fill(kKeyMasked);
+  if (real && rank >= p.topk_group) top.fill(kKeyMasked);
 }
 
 // Any group size: `keys` holds the token's keys, lane by lane (kLaneStride
@@ -479,7 +490,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   store_row<N>(keys, key);
   LaneTop<N> top;
   top.init(key);
-  if (g.mode == kGroupsInLanes) mask_groups_in_lanes<N, L>(p, g, lane, sub, top.best, top.second(keys), top);
+  if (g.mode == kGroupsInLanes) mask_groups_in_lanes<N, L>(p, g, sub, top.best, top.second(keys), top);
 
   // Choice k is kept by lane k % L of the segment, in its slot k / L. A
   // weight is the chosen expert's score: without a bias, its key's value
