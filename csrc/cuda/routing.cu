@@ -90,6 +90,25 @@ __device__ __forceinline__ void sigmoid_all(float (&s)[N]) {
   }
 }
 
+// softmax over the token's L lanes of N values each (`real(i)`: value i is
+// an expert, not padding); the max and the sum, to score a logit again later.
+template <int N, int L, class Real>
+__device__ __forceinline__ float2 softmax_all(float (&s)[N], Real real) {
+  float mx = -INFINITY, sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) mx = fmaxf(mx, s[i]);  // fmaxf skips NaN
+  mx = seg_reduce<L>(mx, [](float x, float y) { return fmaxf(x, y); });
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    s[i] = real(i) ? expf(s[i] - mx) : 0.0f;
+    sum += s[i];
+  }
+  sum = seg_reduce<L>(sum, [](float x, float y) { return x + y; });
+#pragma unroll
+  for (int i = 0; i < N; ++i) s[i] = s[i] / sum;
+  return make_float2(mx, sum);
+}
+
 // Copies n (4 or 16) bytes to shared memory without passing through
 // registers; the thread waits for its copies with cp_async_wait_all.
 template <int n>
@@ -330,6 +349,55 @@ __device__ __forceinline__ void take_and_rescan(uint32_t* row, int taken, int wi
   if (sub == winner) best = row_best, slot = row_slot;
 }
 
+// The token's K choices, one a round: choice k goes to lane k % L of the
+// segment, in its slot k / L, with its key's value as its weight. `best` and
+// `slot`: the lane's best key and where it is in its row; `rows`: the
+// token's L rows of keys.
+template <int N, int L, int kChoices>
+__device__ __forceinline__ void take_topk(uint32_t* rows, uint32_t best, int slot, int K, int sub, int lane,
+                                          int (&id)[kChoices], float (&weight)[kChoices]) {
+#pragma unroll
+  for (int c = 0; c < kChoices; ++c) {
+    for (int j = 0; j < L && c * L + j < K; ++j) {
+      uint32_t chosen;
+      const int winner = seg_argmax<L>(best, lane, chosen);
+      const int taken = __shfl_sync(kFullMask, slot, winner, L);
+      if (sub == j) {
+        id[c] = winner * N + taken;
+        weight[c] = key_value(chosen);
+      }
+      take_and_rescan<N, L>(rows + winner * kLaneStride<N>, taken, winner, sub, lane, best, slot);
+    }
+  }
+}
+
+// Stores w * (scale / the sum of the chosen w) and the ids, for a valid
+// token (`token()`, read where used). Each lane adds its own choices, then a
+// butterfly over the token's lanes, with no loop bounded by K (the CPU kernel
+// adds w_0 + w_1 + ... in order: the sums may differ in the last bit).
+template <int L, int kChoices, class Token>
+__device__ __forceinline__ void store_choices(const TopkParams& p, Token token, int sub,
+                                              const int (&id)[kChoices], const float (&weight)[kChoices]) {
+  const int K = p.topk;
+  float total = 1.0f;
+  if (p.renormalize) {
+    total = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kChoices; ++c) total += c * L + sub < K ? weight[c] : 0.0f;
+    total = seg_reduce<L>(total, [](float x, float y) { return x + y; });
+  }
+  const float scale = p.routed_scaling_factor / total;
+  if (token() >= p.num_tokens) return;
+#pragma unroll
+  for (int c = 0; c < kChoices; ++c) {
+    const int k = c * L + sub;
+    if (k < K) {
+      p.ids[token() * K + k] = id[c];
+      p.weights[token() * K + k] = weight[c] * scale;
+    }
+  }
+}
+
 // ---- grouped top-k ---------------------------------------------------------
 
 struct GroupInfo {
@@ -449,19 +517,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   float s[N];
   load_lane<N>(logits_row(), first, E, -INFINITY, s);
   if (softmax) {
-    float mx = -INFINITY, sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, s[i]);  // fmaxf skips NaN
-    mx = seg_reduce<L>(mx, [](float x, float y) { return fmaxf(x, y); });
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      s[i] = real(i) ? expf(s[i] - mx) : 0.0f;
-      sum += s[i];
-    }
-    sum = seg_reduce<L>(sum, [](float x, float y) { return x + y; });
-#pragma unroll
-    for (int i = 0; i < N; ++i) s[i] = s[i] / sum;
-    if (bias && sub == 0) softmax_smem[warp][lane / L] = make_float2(mx, sum);  // to score chosen logits again
+    const float2 norm = softmax_all<N, L>(s, real);
+    if (bias && sub == 0) softmax_smem[warp][lane / L] = norm;  // to score chosen logits again
   } else {
     sigmoid_all<N>(s);
   }
@@ -492,27 +549,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   top.init(key);
   if (g.mode == kGroupsInLanes) mask_groups_in_lanes<N, L>(p, g, sub, top.best, top.second(keys), top);
 
-  // Choice k is kept by lane k % L of the segment, in its slot k / L. A
-  // weight is the chosen expert's score: without a bias, its key's value
+  // A weight is the chosen expert's score: without a bias, its key's value
   // (the same bits); with one, its logit scored again with the same operations.
-  uint32_t best = top.best;
-  int slot = top.slot;
-  uint32_t* rows = key_smem[warp][lane & ~(L - 1)];  // the token's L rows
   int id[kChoices] = {};
   float weight[kChoices] = {};
-#pragma unroll
-  for (int c = 0; c < kChoices; ++c) {
-    for (int j = 0; j < L && c * L + j < K; ++j) {
-      uint32_t chosen;
-      const int winner = seg_argmax<L>(best, lane, chosen);
-      const int taken = __shfl_sync(kFullMask, slot, winner, L);
-      if (sub == j) {
-        id[c] = winner * N + taken;
-        weight[c] = key_value(chosen);
-      }
-      take_and_rescan<N, L>(rows + winner * kLaneStride<N>, taken, winner, sub, lane, best, slot);
-    }
-  }
+  take_topk<N, L>(key_smem[warp][lane & ~(L - 1)], top.best, top.slot, K, sub, lane, id, weight);
   if (bias) {
     __syncwarp();  // the token's softmax_smem entry was written by its first lane
     const T* row = logits_row();
@@ -525,26 +566,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       }
     }
   }
-  // w * (scale / the sum of the chosen w): each lane adds its own choices,
-  // then a butterfly over the token's lanes, with no loop bounded by K (the
-  // CPU kernel adds w_0 + w_1 + ... in order: the sums may differ in the last bit).
-  float total = 1.0f;
-  if (p.renormalize) {
-    total = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kChoices; ++c) total += c * L + sub < K ? weight[c] : 0.0f;
-    total = seg_reduce<L>(total, [](float x, float y) { return x + y; });
-  }
-  const float scale = p.routed_scaling_factor / total;
-  if (token() >= p.num_tokens) return;
-#pragma unroll
-  for (int c = 0; c < kChoices; ++c) {
-    const int k = c * L + sub;
-    if (k < K) {
-      p.ids[token() * K + k] = id[c];
-      p.weights[token() * K + k] = weight[c] * scale;
-    }
-  }
+  store_choices<L>(p, token, sub, id, weight);
 }
 
 // ---- host side -------------------------------------------------------------
