@@ -155,14 +155,19 @@ struct alignas(sizeof(T) * P) Pack {
   T e[P];
 };
 
-// Read-only (non-coherent) load: every kernel here reads inputs it never writes.
-template <typename T, int P>
+// Read-only (non-coherent) load: every kernel here reads inputs it never
+// writes. kStream: data read once (routing's logits), evict-first in L1 and
+// L2, so its lines replace each other rather than lines other kernels left
+// there (the GEMMs' weights, or dirty lines whose write-back would share the
+// bandwidth with this read).
+template <typename T, int P, bool kStream = false>
 __device__ __forceinline__ Pack<T, P> load_pack(const T* p) {
   Pack<T, P> r;
   if constexpr (P == 1) {
-    r.e[0] = p[0];
+    r.e[0] = kStream ? __ldcs(p) : p[0];
   } else {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4* v = reinterpret_cast<const uint4*>(p);
+    const uint4 raw = kStream ? __ldcs(v) : __ldg(v);
     memcpy(&r, &raw, sizeof(r));
   }
   return r;

@@ -182,21 +182,6 @@ __device__ __forceinline__ int seg_argmax(uint32_t v, int lane) {
   return seg_argmax<L>(v, lane, best);
 }
 
-// Logits are read once: evict-first in L2, so their lines replace each other
-// rather than lines other kernels wrote (the GEMMs' weights, or dirty lines
-// whose write-back would share the bandwidth with this read).
-template <typename T, int P>
-__device__ __forceinline__ Pack<T, P> load_stream(const T* p) {
-  Pack<T, P> r;
-  if constexpr (P == 1) {
-    r.e[0] = __ldcs(p);
-  } else {
-    const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
-    memcpy(&r, &raw, sizeof(r));
-  }
-  return r;
-}
-
 // x[i] = row[first + i] for first + i < n, else `fill`; whole 16-byte loads
 // when this lane's N elements are aligned vectors.
 template <int N, typename T>
@@ -207,7 +192,7 @@ __device__ __forceinline__ void load_lane(const T* row, int first, int n, float 
     if (first + N <= n && aligned16(row + first)) {
 #pragma unroll
       for (int j = 0; j < N; j += P) {
-        const Pack<T, P> v = load_stream<T, P>(row + first + j);
+        const Pack<T, P> v = load_pack<T, P, true>(row + first + j);  // logits: read once
 #pragma unroll
         for (int q = 0; q < P; ++q) x[j + q] = to_float(v.e[q]);
       }
@@ -313,12 +298,6 @@ struct LaneTop {
     return r;
   }
 
-  // Every key of this lane becomes `v` (its group was dropped); never rescanned.
-  __device__ __forceinline__ void fill(uint32_t v) {
-#pragma unroll
-    for (int b = 0; b < kBlocks; ++b) block_best[b] = v;
-    best = v;
-  }
 };
 
 // After a round took key `taken` of lane `winner`'s row, the L lanes of the
@@ -409,10 +388,11 @@ struct GroupInfo {
 
 // Group size a power of two >= N: group g is the lanes g << lane_shift
 // onward. The lanes' top two merge by butterflies into the group's top two,
-// and each group counts the groups that beat it.
+// and each group counts the groups that beat it; a dropped group's lanes get
+// `best` = kKeyMasked.
 template <int N, int L>
 __device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, int sub, uint32_t a,
-                                     uint32_t b, LaneTop<N>& top) {
+                                     uint32_t b, uint32_t& best) {
   for (int o = 1; o < (1 << g.lane_shift); o <<= 1) {
     const uint32_t a2 = __shfl_xor_sync(kFullMask, a, o, L);
     const uint32_t b2 = __shfl_xor_sync(kFullMask, b, o, L);
@@ -433,7 +413,7 @@ __device__ void mask_groups_in_lanes(const TopkParams& p, const GroupInfo& g, in
     const uint32_t other = __shfl_xor_sync(kFullMask, cand, o, L);
     rank += other > cand || (other == cand && ((sub ^ o) >> g.lane_shift) < group);
   }
-  if (real && rank >= p.topk_group) top.fill(kKeyMasked);
+  if (real && rank >= p.topk_group) best = kKeyMasked;  // the lane never wins again
 }
 
 // Any group size: `keys` holds the token's keys, lane by lane (kLaneStride
@@ -547,7 +527,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   store_row<N>(keys, key);
   LaneTop<N> top;
   top.init(key);
-  if (g.mode == kGroupsInLanes) mask_groups_in_lanes<N, L>(p, g, sub, top.best, top.second(keys), top);
+  if (g.mode == kGroupsInLanes) mask_groups_in_lanes<N, L>(p, g, sub, top.best, top.second(keys), top.best);
 
   // A weight is the chosen expert's score: without a bias, its key's value
   // (the same bits); with one, its logit scored again with the same operations.
