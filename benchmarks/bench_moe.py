@@ -1,7 +1,7 @@
 """PERF.md's table: every MODELS shape x M, fused_moe beside torch._grouped_mm
 and a per-expert loop, measured by fused_moe.bench.
 
-    python benchmarks/bench_moe.py [--models qwen3-30b-a3b,deepseek-v3] [--ms 1,8] [--json PATH]
+    python benchmarks/bench_moe.py [--models qwen3-30b-a3b,deepseek-v3] [--ms 1,8] [--rounds 3] [--json PATH]
 """
 
 import argparse
@@ -22,6 +22,8 @@ def main() -> None:
                         help=f"comma-separated subset of {','.join(bench.IMPLS)}")
     parser.add_argument("--ms", default=",".join(map(str, bench.TOKENS)),
                         help="comma-separated token counts M")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="medians per implementation, taken in turns; the best counts (default 1)")
     parser.add_argument("--json", metavar="PATH", help="write the results, card and date as JSON")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(bench.MODELS)
@@ -37,7 +39,9 @@ def main() -> None:
           f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
     shapes = {name: bench.MODELS[name] for name in args.models.split(",")}
     ms = [int(m) for m in args.ms.split(",")]
-    results = bench.run(shapes, ms, impls=impls, ceilings=ceilings)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    results = bench.run(shapes, ms, impls=impls, ceilings=ceilings, rounds=args.rounds)
     print(bench.format_table(results))
     if args.json:
         with open(args.json, "w") as f:

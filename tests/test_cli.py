@@ -54,3 +54,12 @@ def test_bench_plot(tmp_path):
 def test_bench_rejects_bad_shape():
     result = cli("bench", "--shape", "4,2,32")
     assert result.returncode == 2 and "expected 4 comma-separated integers" in result.stderr
+
+
+def test_bench_rounds(tmp_path):
+    out = tmp_path / "bench.json"
+    result = cli(*TINY, "--rounds", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert all(r["us"] > 0 for r in json.loads(out.read_text())["results"])
+    bad = cli(*TINY, "--rounds", "0")
+    assert bad.returncode == 2 and "positive" in bad.stderr

@@ -121,6 +121,21 @@ def test_unaligned_pointers(config, monkeypatch):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
+def test_tile_boundaries(config, monkeypatch):
+    # Expert sizes on either side of 64- and 128-row tiles (each expert's last
+    # tile is partial by 0 to tile - 1 rows), and rows past offsets[E].
+    use_config(monkeypatch, config)
+    counts = [0, 1, 63, 64, 127, 128, 129, 191, 255, 256, 257, 300]
+    e, n, k = len(counts), 512, 256
+    offsets = torch.tensor([0] + counts, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+    rows = int(offsets[-1]) + 5
+    w = weights(e, n, k, torch.bfloat16)
+    b = torch.randn(e, n, device="cuda").bfloat16()
+    a = torch.randn(rows, k, device="cuda").bfloat16()
+    check(run(a, w, offsets, b), a, w, offsets, b, config)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 def test_cuda_graph_replay(config, monkeypatch):
     # Captured once, replayed with new rows and a new routing of the same shapes:
     # problem sizes and pointers must come from the device, with no host sync.

@@ -89,6 +89,8 @@ def add_bench_parser(commands) -> None:
     parser.add_argument("--impl", type=_names(bench.IMPLS), metavar="NAME,...",
                         help=f"implementations to time, of {','.join(bench.IMPLS)} (default: all "
                              "on a GPU; fused_moe and loop on CPU)")
+    parser.add_argument("--rounds", type=_ints(1), default=(1,), metavar="N",
+                        help="take N medians per implementation, in turns, and keep the best (default 1)")
     parser.add_argument("--json", metavar="FILE", help="write the results, card and date as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot time against tokens (needs matplotlib)")
     parser.set_defaults(run=run_bench)
@@ -130,7 +132,7 @@ def run_bench(args) -> None:
         ceilings = bench.measure_ceilings()
         print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
               f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
-    results = bench.run(shapes, tokens, impls=impls, ceilings=ceilings)
+    results = bench.run(shapes, tokens, impls=impls, ceilings=ceilings, rounds=args.rounds[0])
     print(bench.format_table(results))
     if args.json:
         _write_json(args.json, results, ceilings)

@@ -4,7 +4,9 @@
 On a GPU each implementation is captured once in a CUDA graph and replayed
 REPLAYS times, a 64 MiB buffer zeroed before each replay (outside the timed
 events) so the weights come from HBM, not L2; the median of the CUDA-event
-times counts. The floor is max(FLOPs / matmul rate, bytes / copy bandwidth)
+times counts. With rounds > 1 the implementations take turns, a median each
+a round, and each keeps its best: the card's clock drifts by several percent
+over seconds, and alternating keeps that drift from favouring one of them. The floor is max(FLOPs / matmul rate, bytes / copy bandwidth)
 with both ceilings measured in the same run. Without a GPU, CPU mode times
 plain wall-clock medians (no graphs, no floor).
 """
@@ -166,6 +168,13 @@ def bytes_moved(topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, x: 
 def time_graph(fn, flush: torch.Tensor, replays: int):
     """(median us of replays of fn captured in a CUDA graph, L2 flushed before
     each; a copy of fn's output when it returns one tensor)."""
+    graph, out = _capture(fn)
+    return _median_flushed_us(graph.replay, flush, replays), (
+        out.clone() if isinstance(out, torch.Tensor) else None)
+
+
+def _capture(fn):
+    """(a CUDA graph of one call of fn, that call's output)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up off the capture: lazy inits, workspaces
@@ -175,14 +184,7 @@ def time_graph(fn, flush: torch.Tensor, replays: int):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
-    return _median_flushed_us(graph.replay, flush, replays), (
-        out.clone() if isinstance(out, torch.Tensor) else None)
-
-
-def _time_eager(fn, flush: torch.Tensor, replays: int):
-    fn()
-    fn()
-    return _median_flushed_us(fn, flush, replays), fn()
+    return graph, out
 
 
 def _median_flushed_us(fn, flush: torch.Tensor, reps: int) -> float:
@@ -197,14 +199,24 @@ def _median_flushed_us(fn, flush: torch.Tensor, reps: int) -> float:
     return 1e3 * statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def _time_cpu(fn, reps: int):
-    fn()
+def _median_cpu_us(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        out = fn()
+        fn()
         times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times), out
+    return 1e6 * statistics.median(times)
+
+
+def _prepare(impl: str, args, device: torch.device):
+    """(a no-argument call to time, its output): on the GPU a CUDA-graph replay
+    where the implementation allows one, else a plain call after a warm-up."""
+    call = lambda: _FUNCTIONS[impl](*args)  # noqa: E731
+    if device.type == "cuda" and _GRAPHED[impl]:
+        graph, out = _capture(call)
+        return graph.replay, out
+    call()
+    return call, call()
 
 
 def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -215,8 +227,9 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | None = None,
-              device="cuda", replays: int = REPLAYS) -> list[dict]:
-    """Times each implementation at one (shape, M); returns one dict each.
+              device="cuda", replays: int = REPLAYS, rounds: int = 1) -> list[dict]:
+    """Times each implementation at one (shape, M), the best of `rounds`
+    medians taken in turns; returns one dict each.
 
     Every output is checked once against the per-expert loop (the plainest
     implementation), so grouped_mm is checked against fused_moe through it;
@@ -234,17 +247,20 @@ def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | Non
     floor = None
     if ceilings is not None:
         floor = max(work / (ceilings.matmul_tflops * 1e6), moved / (ceilings.copy_gbps * 1e3))
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+        median = lambda step: _median_flushed_us(step, flush, replays)  # noqa: E731
+    else:
+        median = lambda step: _median_cpu_us(step, CPU_REPS)  # noqa: E731
+    prepared = {impl: _prepare(impl, args, device) for impl in impls}
+    best = {impl: math.inf for impl in impls}
+    for _ in range(rounds):
+        for impl, (step, _) in prepared.items():
+            best[impl] = min(best[impl], median(step))
     rows = []
     for impl in impls:
-        fn = _FUNCTIONS[impl]
+        us, out = best[impl], prepared[impl][1]
         graphed = device.type == "cuda" and _GRAPHED[impl]
-        if device.type != "cuda":
-            us, out = _time_cpu(lambda: fn(*args), CPU_REPS)
-        elif graphed:
-            us, out = time_graph(lambda: fn(*args), flush, replays)
-        else:
-            us, out = _time_eager(lambda: fn(*args), flush, replays)
         diff = _rel_diff(out, reference)
         if not diff <= CHECK_RTOL:
             print(f"WRONG: {impl} differs from the per-expert loop at {name} M={M}: "
@@ -269,7 +285,7 @@ def check_device_support(impls) -> None:
 
 
 def run(shapes: dict, tokens, *, impls=None, ceilings: Ceilings | None = None,
-        show_progress: bool = True) -> list[dict]:
+        show_progress: bool = True, rounds: int = 1) -> list[dict]:
     """Every (shape, M) point: on the GPU if there is one, else CPU mode."""
     cuda = torch.cuda.is_available()
     impls = tuple(impls or (IMPLS if cuda else CPU_IMPLS))
@@ -280,7 +296,7 @@ def run(shapes: dict, tokens, *, impls=None, ceilings: Ceilings | None = None,
     results = []
     for name, shape, M in progress(points, desc="bench", enabled=show_progress):
         results += run_point(name, shape, M, impls=impls, ceilings=ceilings,
-                             device="cuda" if cuda else "cpu")
+                             device="cuda" if cuda else "cpu", rounds=rounds)
         if cuda:
             torch.cuda.empty_cache()  # each point's weights and graph pools go before the next
     return results
