@@ -119,6 +119,17 @@ __device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+// 16 bytes to shared memory past L1, evict-first in L2 (data read once).
+__device__ __forceinline__ void cp_async_stream16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile(
+      "{\n .reg .b64 policy;\n createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+      " cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n}" ::"r"(dst),
+      "l"(gmem)
+      : "memory");
+}
+
+
 // The warp's own copy of the bias, experts [0, n) at padded() indices (zeros
 // past E), by cp.async: 16-byte pieces where the source allows.
 template <int n>
@@ -252,6 +263,26 @@ __device__ __forceinline__ void load_row(const T* row, T (&v)[n]) {
 #pragma unroll
     for (int i = 0; i < n; ++i) v[i] = row[i];
   }
+}
+
+// A token's 4-byte logits, every lane's N of them, through the token's rows
+// of shared memory: lane `sub` copies the 16-byte pieces sub, sub + L, ... of
+// the whole row, so the segment's L lanes read 16L contiguous bytes an
+// instruction (each lane loading its own N directly touches L sectors an
+// instruction and uses half of each); then each lane reads back its own N.
+// Needs E == N * L, N % 4 == 0 and a 16-byte aligned row.
+template <int N, int L, typename T>
+__device__ __forceinline__ void stage_lane(const T* row, uint32_t* token_rows, int sub, float (&x)[N]) {
+  static_assert(sizeof(T) == 4 && N % 4 == 0, "4-byte logits, whole 16-byte pieces a lane");
+  constexpr int kPieces = N / 4;  // a lane's 16-byte pieces
+#pragma unroll
+  for (int i = 0; i < kPieces; ++i) {
+    const int piece = i * L + sub;
+    cp_async_stream16(token_rows + piece / kPieces * kLaneStride<N> + piece % kPieces * 4, row + piece * 4);
+  }
+  cp_async_wait_all();
+  __syncwarp();
+  load_row<N>(reinterpret_cast<const float*>(token_rows + sub * kLaneStride<N>), x);
 }
 
 // The lane's first scan of its N keys, as blocks of B keys: each block's best
@@ -495,7 +526,15 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const bool bias = p.bias != nullptr;
   if (bias) stage_bias<L * N>(p.bias, E, lane, bias_smem[warp]);
   float s[N];
-  load_lane<N>(logits_row(), first, E, -INFINITY, s);
+  if constexpr (sizeof(T) == 4 && N % 4 == 0 && !kPad) {
+    if (aligned16(p.logits)) {  // then every row is: E % 4 == 0
+      stage_lane<N, L>(logits_row(), key_smem[warp][lane & ~(L - 1)], sub, s);
+    } else {
+      load_lane<N>(logits_row(), first, E, -INFINITY, s);
+    }
+  } else {
+    load_lane<N>(logits_row(), first, E, -INFINITY, s);
+  }
   if (softmax) {
     const float2 norm = softmax_all<N, L>(s, real);
     if (bias && sub == 0) softmax_smem[warp][lane / L] = norm;  // to score chosen logits again
