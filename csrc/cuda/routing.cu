@@ -11,12 +11,15 @@
 // four tokens per warp each round serves all four (~500 per token). A round
 // is a segment max plus a ballot; then the token's L lanes rescan the
 // winner's row together (from shared memory, where a row can be picked at
-// run time) for its next best. Its time follows the warps an SM holds and
-// the memory system more than the instruction count (64 registers, 32 warps):
-// what a warp keeps through the rounds is kept small, expert counts that fill
-// the lanes skip every per-key padding test, the logits pass through L2
-// evict-first, and a chosen weight comes from its key rather than a second
-// read of the logits where it can.
+// run time) for its next best. Its time follows the memory system more than
+// the instruction count (64 registers, 32 warps; past 24 warps an SM more
+// add little): what a warp keeps through the rounds is kept small, expert
+// counts that fill the lanes skip every per-key padding test, 4-byte logits
+// reach the lanes through shared memory in contiguous 16-byte pieces (each
+// lane loading its own N used half of every sector L1 fetched, and L1 was
+// the busiest unit: 26 us instead of 30 for DeepSeek-V3's 32768 x 256),
+// the logits pass through L2 evict-first, and a chosen weight comes from its
+// key rather than a second read of the logits where it can.
 #include <cmath>
 
 #include "cuda/common.cuh"
@@ -128,7 +131,6 @@ __device__ __forceinline__ void cp_async_stream16(void* smem, const void* gmem) 
       "l"(gmem)
       : "memory");
 }
-
 
 // The warp's own copy of the bias, experts [0, n) at padded() indices (zeros
 // past E), by cp.async: 16-byte pieces where the source allows.
@@ -283,6 +285,18 @@ __device__ __forceinline__ void stage_lane(const T* row, uint32_t* token_rows, i
   cp_async_wait_all();
   __syncwarp();
   load_row<N>(reinterpret_cast<const float*>(token_rows + sub * kLaneStride<N>), x);
+}
+
+// This lane's N logits (-inf past E): staged through the token's rows where
+// the layout allows (`aligned`: the logits start 16-byte aligned), else
+// loaded directly.
+template <int N, int L, bool kPad, typename T>
+__device__ __forceinline__ void load_logits(const T* row, bool aligned, uint32_t* token_rows, int sub, int first,
+                                            int E, float (&x)[N]) {
+  if constexpr (sizeof(T) == 4 && N % 4 == 0 && !kPad) {
+    if (aligned) return stage_lane<N, L>(row, token_rows, sub, x);  // E == N * L: every row aligned too
+  }
+  load_lane<N>(row, first, E, -INFINITY, x);
 }
 
 // The lane's first scan of its N keys, as blocks of B keys: each block's best
@@ -526,15 +540,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const bool bias = p.bias != nullptr;
   if (bias) stage_bias<L * N>(p.bias, E, lane, bias_smem[warp]);
   float s[N];
-  if constexpr (sizeof(T) == 4 && N % 4 == 0 && !kPad) {
-    if (aligned16(p.logits)) {  // then every row is: E % 4 == 0
-      stage_lane<N, L>(logits_row(), key_smem[warp][lane & ~(L - 1)], sub, s);
-    } else {
-      load_lane<N>(logits_row(), first, E, -INFINITY, s);
-    }
-  } else {
-    load_lane<N>(logits_row(), first, E, -INFINITY, s);
-  }
+  load_logits<N, L, kPad>(logits_row(), aligned16(p.logits), key_smem[warp][lane & ~(L - 1)], sub, first, E, s);
   if (softmax) {
     const float2 norm = softmax_all<N, L>(s, real);
     if (bias && sub == 0) softmax_smem[warp][lane / L] = norm;  // to score chosen logits again
