@@ -6,8 +6,9 @@ REPLAYS times, a 64 MiB buffer zeroed before each replay (outside the timed
 events) so the weights come from HBM, not L2; the median of the CUDA-event
 times counts. With rounds > 1 the implementations take turns, a median each
 a round, and each keeps its best: the card's clock drifts by several percent
-over seconds, and alternating keeps that drift from favouring one of them. The floor is max(FLOPs / matmul rate, bytes / copy bandwidth)
-with both ceilings measured in the same run. Without a GPU, CPU mode times
+over seconds, and alternating keeps that drift from favouring one of them.
+The floor is max(FLOPs / matmul rate, bytes / copy bandwidth) with both
+ceilings measured in the same run. Without a GPU, CPU mode times
 plain wall-clock medians (no graphs, no floor).
 """
 
