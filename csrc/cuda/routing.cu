@@ -114,23 +114,23 @@ __device__ __forceinline__ float2 softmax_all(float (&s)[N], Real real) {
 
 // Copies n (4 or 16) bytes to shared memory without passing through
 // registers; the thread waits for its copies with cp_async_wait_all.
-template <int n>
+// kStream (16 bytes): data read once (the logits), past L1 and evict-first in L2.
+template <int n, bool kStream = false>
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+  static_assert(!kStream || n == 16, "cp.async.cg copies 16 bytes");
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(gmem), "n"(n) : "memory");
+  if constexpr (kStream) {
+    asm volatile(
+        "{\n .reg .b64 policy;\n createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+        " cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n}" ::"r"(dst),
+        "l"(gmem)
+        : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(gmem), "n"(n) : "memory");
+  }
 }
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
-// 16 bytes to shared memory past L1, evict-first in L2 (data read once).
-__device__ __forceinline__ void cp_async_stream16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile(
-      "{\n .reg .b64 policy;\n createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
-      " cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n}" ::"r"(dst),
-      "l"(gmem)
-      : "memory");
-}
 
 // The warp's own copy of the bias, experts [0, n) at padded() indices (zeros
 // past E), by cp.async: 16-byte pieces where the source allows.
@@ -280,7 +280,7 @@ __device__ __forceinline__ void stage_lane(const T* row, uint32_t* token_rows, i
 #pragma unroll
   for (int i = 0; i < kPieces; ++i) {
     const int piece = i * L + sub;
-    cp_async_stream16(token_rows + piece / kPieces * kLaneStride<N> + piece % kPieces * 4, row + piece * 4);
+    cp_async<16, true>(token_rows + piece / kPieces * kLaneStride<N> + piece % kPieces * 4, row + piece * 4);
   }
   cp_async_wait_all();
   __syncwarp();
@@ -343,7 +343,6 @@ struct LaneTop {
     for (int b = 0; b < kBlocks; ++b) r = b == first / B ? r : max(r, block_best[b]);
     return r;
   }
-
 };
 
 // After a round took key `taken` of lane `winner`'s row, the L lanes of the
