@@ -136,6 +136,21 @@ def test_tile_boundaries(config, monkeypatch):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
+def test_one_k_block_many_tiles(config, monkeypatch):
+    # K = 64: one k-block a tile, so the producer runs as many tiles ahead of
+    # the MMAs as the pipeline has stages; 96 experts, most with a partial
+    # last row tile.
+    use_config(monkeypatch, config)
+    gen = torch.Generator().manual_seed(64)
+    counts = torch.randint(1, 400, (96,), generator=gen)
+    e, n, k = len(counts), 512, 64
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).cuda()
+    w = weights(e, n, k, torch.bfloat16)
+    a = torch.randn(int(offsets[-1]), k, device="cuda").bfloat16()
+    check(run(a, w, offsets, None), a, w, offsets, None, config)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 def test_cuda_graph_replay(config, monkeypatch):
     # Captured once, replayed with new rows and a new routing of the same shapes:
     # problem sizes and pointers must come from the device, with no host sync.
