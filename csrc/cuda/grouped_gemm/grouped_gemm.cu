@@ -65,9 +65,9 @@ const sm90::Config& heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
   }
   if (rows_per_expert <= 24) return sm90::swap_128x32x128;
   if (rows_per_expert <= 48) return sm90::swap_128x64x64;
-  // Few experts (mixtral-like: big weights, a few of them): the 64-row tile
-  // also won at 512 rows per expert (the mixtral layer at 2048 tokens: 2101-
-  // 2129 us against 2331-2368 in alternated runs on an H200), not at 2048.
+  // Few experts (mixtral-like: a few big ones): the 64-row tile also won at
+  // 512 rows per expert (the mixtral layer at 2048 tokens, alternated runs on
+  // an H200: 2101-2129 us against 2331-2368), not at 2048.
   const double ping_rows = p.num_experts <= 16 ? 1024 : 320;
   if (rows_per_expert <= ping_rows && p.n % 256 == 0) return sm90::ping_64x256x64;
   return sm90::coop_128x256x64;
