@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --no-deps .whl/fused_moe-*.whl >>"$log" 2>&
 (cd /tmp && python3 -c "import fused_moe, torch; print(torch.ops.fused_moe)") >>"$log" 2>&1
 python3 -m fused_moe info >>"$log" 2>&1
 
-timeout 80 python3 benchmarks/bench_moe.py --impls fused_moe,grouped_mm \
+timeout 200 python3 benchmarks/bench_moe.py --impls fused_moe,grouped_mm --rounds 3 \
   --json "$out/bench_moe.json" >>"$log" 2>&1
 # The few-token points again with the decode path off: what it saves.
 FUSED_MOE_DECODE=0 timeout 40 python3 benchmarks/bench_moe.py --impls fused_moe --ms 1,2,4 \
