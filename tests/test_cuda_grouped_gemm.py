@@ -37,6 +37,12 @@ def weights(num_experts, n, k, dtype):
     return (torch.randn(num_experts, n, k, device="cuda", generator=gen) / k**0.5).to(dtype)
 
 
+def offsets_of(counts):
+    """Expert offsets [E+1] int32 on the GPU from rows per expert."""
+    counts = torch.as_tensor(counts, dtype=torch.long)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32).cuda()
+
+
 def routing(kind, num_experts, gen, rows=None):
     """(rows, offsets [E+1] int32): one row; a skewed split (expert shares ~ U^4,
     a third of the experts empty); every row on one expert; skewed with rows
@@ -51,8 +57,7 @@ def routing(kind, num_experts, gen, rows=None):
         share[torch.randint(num_experts, (1,), generator=gen)] = 1
     ids = torch.multinomial(share, rows - tail, replacement=True, generator=gen) if rows > tail else []
     counts = torch.bincount(torch.as_tensor(ids, dtype=torch.long), minlength=num_experts)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    return rows, offsets.to(torch.int32).cuda()
+    return rows, offsets_of(counts)
 
 
 def reference(a, w, offsets, bias):
@@ -127,7 +132,7 @@ def test_tile_boundaries(config, monkeypatch):
     use_config(monkeypatch, config)
     counts = [0, 1, 63, 64, 127, 128, 129, 191, 255, 256, 257, 300]
     e, n, k = len(counts), 512, 256
-    offsets = torch.tensor([0] + counts, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+    offsets = offsets_of(counts)
     rows = int(offsets[-1]) + 5
     w = weights(e, n, k, torch.bfloat16)
     b = torch.randn(e, n, device="cuda").bfloat16()
@@ -144,7 +149,7 @@ def test_one_k_block_many_tiles(config, monkeypatch):
     gen = torch.Generator().manual_seed(64)
     counts = torch.randint(1, 400, (96,), generator=gen)
     e, n, k = len(counts), 512, 64
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).cuda()
+    offsets = offsets_of(counts)
     w = weights(e, n, k, torch.bfloat16)
     a = torch.randn(int(offsets[-1]), k, device="cuda").bfloat16()
     check(run(a, w, offsets, None), a, w, offsets, None, config)
