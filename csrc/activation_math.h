@@ -4,13 +4,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "kernels.h"
-
-#if defined(__CUDACC__)
-#define FUSED_MOE_HD __host__ __device__ __forceinline__
-#else
-#define FUSED_MOE_HD inline
-#endif
+#include "kernel_params.h"
 
 namespace fused_moe {
 

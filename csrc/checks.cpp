@@ -54,6 +54,25 @@ void Arg::same_device(const Tensor& ref, const char* ref_name) const {
                   t.is_cuda() ? "cuda:" + std::to_string(t.get_device_index()) : "cpu");
 }
 
+void Arg::values_in(int64_t lo, int64_t hi, bool rising_from_lo) const {
+  if (t.is_cuda()) return;
+  const bool is64 = t.scalar_type() == ScalarType::Long;
+  const void* data = t.data_ptr();
+  auto at = [&](int64_t i) -> int64_t {
+    return is64 ? static_cast<const int64_t*>(data)[i] : static_cast<const int32_t*>(data)[i];
+  };
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const int64_t v = at(i);
+    FUSED_MOE_CHECK(v >= lo && v < hi, op, ": ", name, " must be in [", lo, ", ", hi, "), got ",
+                    v, " at flat index ", i);
+    if (!rising_from_lo) continue;
+    const int64_t prev = i ? at(i - 1) : lo;
+    FUSED_MOE_CHECK(v >= prev && (i || v == lo), op, ": ", name, " must rise from ", lo,
+                    ", got ", name, "[", i, "]=", v, (i ? " after " : ""),
+                    (i ? std::to_string(prev) : std::string()));
+  }
+}
+
 void Arg::expect(std::initializer_list<ScalarType> dtypes, std::initializer_list<int64_t> sizes,
                  const Tensor* ref, const char* ref_name) const {
   dtype_in(dtypes);

@@ -8,11 +8,11 @@
 #include <string>
 
 #include <torch/csrc/stable/tensor.h>
-
-#include "kernels.h"
+#include <torch/headeronly/core/ScalarType.h>
 
 namespace fused_moe {
 
+using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 template <typename... Args>
@@ -46,6 +46,11 @@ struct Arg {
   void expect(std::initializer_list<ScalarType> dtypes, std::initializer_list<int64_t> sizes,
               const Tensor* ref = nullptr, const char* ref_name = nullptr) const;
   void same_device(const Tensor& ref, const char* ref_name) const;
+  // Every value of an int32/int64 tensor in [lo, hi), and with rising_from_lo
+  // also non-decreasing from t[0] == lo. Checked on the CPU only: on the GPU
+  // it would cost a host sync, so the CUDA kernels treat an out-of-range id
+  // as a slot on another rank and clamp offsets instead.
+  void values_in(int64_t lo, int64_t hi, bool rising_from_lo = false) const;
 };
 
 }  // namespace fused_moe

@@ -4,21 +4,20 @@
 
 #include <vector>
 
+#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/ops.h>
 
 #include "checks.h"
-#include "kernels.h"
-
-#ifdef FUSED_MOE_WITH_CUDA
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
-#include <torch/csrc/stable/accelerator.h>
-#endif
+#include "cpu/cpu_kernels.h"
+#include "cuda/launch.h"
+#include "kernel_params.h"
 
 namespace fused_moe {
 namespace {
 
 using torch::headeronly::ScalarType;
 constexpr auto kFloats = {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half};
+constexpr auto kIds = {ScalarType::Int, ScalarType::Long};
 
 Tensor alloc(const Tensor& like, std::vector<int64_t> sizes, ScalarType dtype) {
   return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
@@ -34,32 +33,23 @@ T* ptr(const Tensor& t) { return static_cast<T*>(t.data_ptr()); }
 template <typename T>
 T* ptr(const OptTensor& t) { return t ? static_cast<T*>(t->data_ptr()) : nullptr; }
 
-#ifdef FUSED_MOE_WITH_CUDA
+ExpertIds expert_ids(const Tensor& t) {
+  return {t.data_ptr(), t.scalar_type() == ScalarType::Long};
+}
+
 // Scratch memory from PyTorch's caching allocator, so CUDA graphs capture it.
 Tensor workspace(const Tensor& like, size_t bytes) {
   return alloc(like, {static_cast<int64_t>(bytes)}, ScalarType::Byte);
 }
 
-// Runs the CUDA body on `t`'s device and current stream.
-#define FUSED_MOE_CUDA(...) [&]() {                                              \
-    torch::stable::accelerator::DeviceGuard guard(t.get_device_index());         \
-    void* stream_ptr = nullptr;                                                  \
-    aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream_ptr);       \
-    [[maybe_unused]] cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr); \
-    __VA_ARGS__;                                                                 \
-  }
-#else
-#define FUSED_MOE_CUDA(...) [&]() {                                              \
-    fail(op, ": this build of fused_moe has no CUDA kernels (built without nvcc "  \
-         "or with FUSED_MOE_CUDA=0); move the inputs to the CPU or rebuild");    \
-  }
-#endif
-
-// Runs `cpu()` or `cuda()` by the device of t.
-template <typename Cpu, typename Cuda>
-void run(const Tensor& t, Cpu cpu, Cuda cuda) {
-  if (t.is_cuda()) cuda(); else cpu();
-}
+// A CUDA launch's context: PyTorch's current stream on t's device, and that
+// device made current until the launch returns.
+struct OnDevice {
+  explicit OnDevice(const Tensor& t)
+      : stream(cuda::current_stream(t.get_device_index())), guard(t.get_device_index()) {}
+  cudaStream_t stream;
+  torch::stable::accelerator::DeviceGuard guard;
+};
 
 Scoring parse_scoring(const char* op, const std::string& s) {
   if (s == "softmax") return Scoring::kSoftmax;
@@ -78,16 +68,6 @@ Activation parse_activation(const char* op, const std::string& s, bool gated) {
   FUSED_MOE_CHECK(gated || a != Activation::kSwigluOai, op,
                   ": activation 'swigluoai' needs is_act_and_mul=True (it is gated)");
   return a;
-}
-
-// Ids are checked on the CPU only: on the GPU it would cost a host sync, so the
-// CUDA kernels treat an out-of-range id as a slot on another rank instead.
-void check_ids_in_range(const char* op, const Tensor& ids, int64_t num_experts) {
-  if (ids.is_cuda()) return;
-  const int32_t* p = ptr<int32_t>(ids);
-  for (int64_t i = 0; i < ids.numel(); ++i)
-    FUSED_MOE_CHECK(p[i] >= 0 && p[i] < num_experts, op, ": topk_ids must be in [0, ",
-                    num_experts, "), got ", p[i], " at flat index ", i);
 }
 
 }  // namespace
@@ -138,7 +118,13 @@ std::tuple<Tensor, Tensor> topk(const Tensor& gating_output, int64_t topk, bool 
   p.num_groups = static_cast<int>(num_expert_group);
   p.topk_group = static_cast<int>(topk_group);
   p.routed_scaling_factor = static_cast<float>(routed_scaling_factor);
-  if (m > 0) run(t, [&] { cpu::topk(p); }, FUSED_MOE_CUDA(cuda::topk(p, stream)));
+  if (m == 0) return {weights, ids};
+  if (t.is_cuda()) {
+    OnDevice d(t);
+    cuda::topk(p, d.stream);
+  } else {
+    cpu::topk(p);
+  }
   return {weights, ids};
 }
 
@@ -149,7 +135,7 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
   const Tensor& t = hidden_states;
   Arg{op, "hidden_states", t}.expect(kFloats, {-1, -1});
   const int64_t m = t.size(0), h = t.size(1);
-  Arg{op, "topk_ids", topk_ids}.expect({ScalarType::Int}, {m, -1}, &t, "hidden_states");
+  Arg{op, "topk_ids", topk_ids}.expect(kIds, {m, -1}, &t, "hidden_states");
   const int64_t k = topk_ids.size(1);
   FUSED_MOE_CHECK(num_local_experts >= 1, op, ": num_local_experts must be >= 1, got ",
                   num_local_experts);
@@ -157,19 +143,13 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
   if (expert_map) {
     Arg{op, "expert_map", *expert_map}.expect({ScalarType::Int}, {-1}, &t, "hidden_states");
     num_experts = expert_map->size(0);
-    if (!t.is_cuda()) {  // on the GPU, entries outside [0, E_local) count as remote
-      const int32_t* map = ptr<const int32_t>(*expert_map);
-      for (int64_t i = 0; i < num_experts; ++i)
-        FUSED_MOE_CHECK(map[i] >= -1 && map[i] < num_local_experts, op,
-                        ": expert_map entries must be -1 or a local id in [0, ", num_local_experts,
-                        "), got ", map[i], " at index ", i);
-    }
+    Arg{op, "expert_map", *expert_map}.values_in(-1, num_local_experts);
   }
   if (row_weights) {
     Arg{op, "row_weights", *row_weights}.expect({ScalarType::Float}, {m, k}, &t,
                                                 "hidden_states");
   }
-  check_ids_in_range(op, topk_ids, num_experts);
+  Arg{op, "topk_ids", topk_ids}.values_in(0, num_experts);
 
   Tensor out = alloc(t, {m * k, h});
   Tensor offsets = alloc(t, {num_local_experts + 1}, ScalarType::Int);
@@ -177,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
   PermuteParams p;
   p.x = t.data_ptr();
   p.dtype = t.scalar_type();
-  p.topk_ids = ptr<const int32_t>(topk_ids);
+  p.topk_ids = expert_ids(topk_ids);
   p.expert_map = ptr<const int32_t>(expert_map);
   p.row_weights = ptr<const float>(row_weights);
   p.out = out.data_ptr();
@@ -188,16 +168,19 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
   p.topk = static_cast<int>(k);
   p.num_experts = static_cast<int>(num_experts);
   p.num_local_experts = static_cast<int>(num_local_experts);
-  run(t, [&] { cpu::permute(p); }, FUSED_MOE_CUDA(
-      Tensor ws = workspace(t, cuda::permute_workspace_bytes(p));
-      cuda::permute(p, ws.data_ptr(), stream)));
+  if (t.is_cuda()) {
+    OnDevice d(t);
+    Tensor ws = workspace(t, cuda::permute_workspace_bytes(p));
+    cuda::permute(p, ws.data_ptr(), d.stream);
+  } else {
+    cpu::permute(p);
+  }
   return {out, offsets, inv};
 }
 
 Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offsets,
                     OptTensor bias) {
   const char* op = "fused_moe.grouped_gemm";
-  const Tensor& t = a;
   Arg{op, "a", a}.expect(kFloats, {-1, -1});
   const int64_t rows = a.size(0), k = a.size(1);
   Arg{op, "w", w}.expect({a.scalar_type()}, {-1, -1, k}, &a, "a");
@@ -206,13 +189,7 @@ Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offse
   if (bias) {
     Arg{op, "bias", *bias}.expect({a.scalar_type()}, {e, n}, &a, "a");
   }
-  if (!a.is_cuda()) {  // cheap on the CPU; the CUDA kernels clamp instead
-    const int32_t* o = ptr<const int32_t>(expert_offsets);
-    for (int64_t i = 0; i < e; ++i)
-      FUSED_MOE_CHECK(o[0] == 0 && o[i] <= o[i + 1] && o[e] <= rows, op,
-                      ": expert_offsets must rise from 0 to at most rows=", rows,
-                      ", got offsets[", i, "]=", o[i], ", offsets[", i + 1, "]=", o[i + 1]);
-  }
+  Arg{op, "expert_offsets", expert_offsets}.values_in(0, rows + 1, /*rising_from_lo=*/true);
   Tensor out = alloc(a, {rows, n});
   GroupedGemmParams p;
   p.a = a.data_ptr();
@@ -225,17 +202,19 @@ Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offse
   p.n = n;
   p.k = k;
   p.num_experts = static_cast<int>(e);
-  if (rows > 0) {
-    run(t, [&] { cpu::grouped_gemm(p); }, FUSED_MOE_CUDA(
-        Tensor ws = workspace(t, cuda::grouped_gemm_workspace_bytes(p));
-        cuda::grouped_gemm(p, ws.data_ptr(), stream)));
+  if (rows == 0) return out;
+  if (a.is_cuda()) {
+    OnDevice d(a);
+    Tensor ws = workspace(a, cuda::grouped_gemm_workspace_bytes(p));
+    cuda::grouped_gemm(p, ws.data_ptr(), d.stream);
+  } else {
+    cpu::grouped_gemm(p);
   }
   return out;
 }
 
 Tensor activation(const Tensor& x, std::string activation, bool is_act_and_mul) {
   const char* op = "fused_moe.activation";
-  const Tensor& t = x;
   Arg{op, "x", x}.expect(kFloats, {-1, -1});
   const int64_t rows = x.size(0), cols = x.size(1);
   FUSED_MOE_CHECK(!is_act_and_mul || cols % 2 == 0, op,
@@ -250,26 +229,25 @@ Tensor activation(const Tensor& x, std::string activation, bool is_act_and_mul) 
   Tensor out = alloc(x, {rows, p.inter});
   p.x = x.data_ptr();
   p.out = out.data_ptr();
-  if (rows > 0 && p.inter > 0)
-    run(t, [&] { cpu::activation(p); }, FUSED_MOE_CUDA(cuda::activation(p, stream)));
+  if (rows == 0 || p.inter == 0) return out;
+  if (x.is_cuda()) {
+    OnDevice d(x);
+    cuda::activation(p, d.stream);
+  } else {
+    cpu::activation(p);
+  }
   return out;
 }
 
 Tensor unpermute(const Tensor& y, const Tensor& inv_index, OptTensor topk_weights) {
   const char* op = "fused_moe.unpermute";
-  const Tensor& t = y;
   Arg{op, "y", y}.expect(kFloats, {-1, -1});
   Arg{op, "inv_index", inv_index}.expect({ScalarType::Int}, {-1, -1}, &y, "y");
   const int64_t m = inv_index.size(0), k = inv_index.size(1), h = y.size(1);
   if (topk_weights) {
     Arg{op, "topk_weights", *topk_weights}.expect({ScalarType::Float}, {m, k}, &y, "y");
   }
-  if (!y.is_cuda()) {
-    const int32_t* p = ptr<const int32_t>(inv_index);
-    for (int64_t i = 0; i < inv_index.numel(); ++i)
-      FUSED_MOE_CHECK(p[i] >= -1 && p[i] < y.size(0), op, ": inv_index must be in [-1, ",
-                      y.size(0), "), got ", p[i], " at flat index ", i);
-  }
+  Arg{op, "inv_index", inv_index}.values_in(-1, y.size(0));
   Tensor out = alloc(y, {m, h});
   UnpermuteParams p;
   p.y = y.data_ptr();
@@ -281,8 +259,13 @@ Tensor unpermute(const Tensor& y, const Tensor& inv_index, OptTensor topk_weight
   p.num_tokens = m;
   p.hidden = h;
   p.topk = static_cast<int>(k);
-  if (m > 0 && h > 0)
-    run(t, [&] { cpu::unpermute(p); }, FUSED_MOE_CUDA(cuda::unpermute(p, stream)));
+  if (m == 0 || h == 0) return out;
+  if (y.is_cuda()) {
+    OnDevice d(y);
+    cuda::unpermute(p, d.stream);
+  } else {
+    cpu::unpermute(p);
+  }
   return out;
 }
 
@@ -306,7 +289,7 @@ Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tenso
   // path reads them directly.
   Arg{op, "topk_weights", topk_weights}.expect({ScalarType::Float}, {m, -1}, &hidden_states,
                                                "hidden_states");
-  Arg{op, "topk_ids", topk_ids}.expect({ScalarType::Int}, {m, topk_weights.size(1)},
+  Arg{op, "topk_ids", topk_ids}.expect(kIds, {m, topk_weights.size(1)},
                                        &hidden_states, "hidden_states");
   if (w13_bias)
     Arg{op, "w13_bias", *w13_bias}.expect({dtype}, {e_local, w13.size(1)}, &hidden_states,
@@ -325,7 +308,6 @@ Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tenso
   FUSED_MOE_CHECK(!apply_router_weight_on_input || topk_ids.size(1) == 1, op,
                   ": apply_router_weight_on_input needs topk == 1, got topk=", topk_ids.size(1));
   const Activation activation_kind = parse_activation(op, activation_name, is_act_and_mul);
-#ifdef FUSED_MOE_WITH_CUDA
   if (hidden_states.is_cuda() && m > 0) {
     DecodeParams p;
     p.x = hidden_states.data_ptr();
@@ -335,7 +317,7 @@ Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tenso
     p.w13_bias = ptr<const void>(w13_bias);
     p.w2_bias = ptr<const void>(w2_bias);
     p.topk_weights = ptr<const float>(topk_weights);
-    p.topk_ids = ptr<const int32_t>(topk_ids);
+    p.topk_ids = expert_ids(topk_ids);
     p.expert_map = ptr<const int32_t>(expert_map);
     p.num_tokens = m;
     p.hidden = h;
@@ -351,12 +333,11 @@ Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tenso
       Tensor out = alloc(hidden_states, {m, h});
       p.act = act.data_ptr();
       p.out = out.data_ptr();
-      const Tensor& t = hidden_states;
-      FUSED_MOE_CUDA(cuda::decode(p, stream))();
+      OnDevice d(hidden_states);
+      cuda::decode(p, d.stream);
       return out;
     }
   }
-#endif
 
   // The router weight scales either the gathered input rows or the expert outputs.
   OptTensor on_input, on_output;

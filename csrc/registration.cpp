@@ -40,17 +40,13 @@ STABLE_TORCH_LIBRARY(fused_moe, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(fused_moe, CPU, m) { FUSED_MOE_IMPLS(m); }
 
-#ifdef FUSED_MOE_WITH_CUDA
+// Registered in every build: without CUDA kernels, a CUDA tensor reaches the
+// launchers of cuda/no_cuda.cpp, which say so.
 STABLE_TORCH_LIBRARY_IMPL(fused_moe, CUDA, m) { FUSED_MOE_IMPLS(m); }
-#endif
 
 // What this binary was built with, for `python -m fused_moe info` (read with ctypes).
 extern "C" __attribute__((visibility("default"))) const char* fused_moe_build_info() {
-#ifdef FUSED_MOE_WITH_CUDA
-  return "cuda=1 archs=" FUSED_MOE_CUDA_ARCHS;
-#else
-  return "cuda=0 archs=";
-#endif
+  return FUSED_MOE_BUILD_INFO;
 }
 
 // An empty CPython module: importing fused_moe._C runs the registrations above.

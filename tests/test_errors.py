@@ -34,7 +34,8 @@ def run(moe, **over):
     (dict(w13=torch.randn(E, 2 * I, H).bfloat16()), r"w13 must be Float, got BFloat16"),
     (dict(w2=torch.randn(E, H, I + 1)), r"w2 must have shape \[8, 16, 12\], got \[8, 16, 13\]"),
     (dict(w=torch.rand(M, K).double()), r"topk_weights must be Float, got Double"),
-    (dict(ids=torch.randint(0, E, (M, K))), r"topk_ids must be Int, got Long"),
+    (dict(ids=torch.randint(0, E, (M, K)).float()), r"topk_ids must be Int or Long, got Float"),
+    (dict(ids=torch.full((M, K), 2**32 + 1)), r"topk_ids must be in \[0, 8\), got 4294967297"),
     (dict(ids=torch.full((M, K), E, dtype=torch.int32)), r"topk_ids must be in \[0, 8\), got 8"),
     (dict(ids=torch.full((M, K), -3, dtype=torch.int32)), r"topk_ids must be in \[0, 8\), got -3"),
     (dict(b13=torch.randn(E, I)), r"w13_bias must have shape \[8, 24\], got \[8, 12\]"),
@@ -74,6 +75,10 @@ def test_op_level_rejects():
         fused_moe.grouped_gemm(a, w, bad_off)
     with pytest.raises(RuntimeError, match=r"expert_offsets must have shape \[5\], got \[4\]"):
         fused_moe.grouped_gemm(a, w, bad_off[:4])
+    with pytest.raises(RuntimeError, match=r"expert_offsets must be in \[0, 11\), got 11"):
+        fused_moe.grouped_gemm(a, w, torch.tensor([0, 5, 6, 8, 11], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"expert_offsets must rise from 0, got expert_offsets\[0\]=1"):
+        fused_moe.grouped_gemm(a, w, torch.tensor([1, 5, 6, 8, 10], dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"bias must have shape \[4, 8\], got \[4, 16\]"):
         fused_moe.grouped_gemm(a, w, torch.tensor([0, 2, 4, 6, 8], dtype=torch.int32), torch.randn(4, 16))
     with pytest.raises(RuntimeError, match=r"even number of columns"):

@@ -9,7 +9,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
-#include "kernels.h"
+#include "cpu/cpu_kernels.h"
 
 namespace fused_moe::cpu {
 

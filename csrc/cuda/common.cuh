@@ -13,8 +13,8 @@
 #include <string>
 #include <unordered_map>
 
-#include "../kernels.h"  // the parameter structs (a plain "kernels.h" would find cuda/kernels.h)
-#include "cuda/kernels.h"
+#include "cuda/launch.h"
+#include "kernel_params.h"
 
 namespace fused_moe::cuda {
 

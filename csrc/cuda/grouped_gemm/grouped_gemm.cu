@@ -2,8 +2,8 @@
 // applies (Hopper, bf16/fp16, N and K multiples of 8, 16-byte aligned), else
 // the portable fallback kernel.
 //
-// FUSED_MOE_GEMM_CONFIG=<name> forces a configuration: "fallback" or a name
-// from sm90_configs.h (tests and benchmarks use it). It is read on every call
+// FUSED_MOE_GEMM_CONFIG=<name> forces a configuration: "fallback" or a built
+// row of configs.cmake (tests and benchmarks use it). It is read on every call
 // (getenv is cheap) so it can change at run time. A forced sm90 configuration
 // still runs only where the sm90 path applies; elsewhere the fallback runs.
 #include <algorithm>
@@ -16,9 +16,7 @@
 #include <cuda_runtime_api.h>
 
 #include "cuda/common.cuh"
-#ifdef FUSED_MOE_SM90  // sm_90a is in the arch list: the sm90_*.cu files are built
-#include "cuda/grouped_gemm/sm90_configs.h"
-#endif
+#include "cuda/grouped_gemm/sm90_config_list.h"  // generated: kTable
 
 namespace fused_moe::cuda {
 
@@ -34,8 +32,6 @@ const char* forced_config() {
 }
 
 bool is_fallback(const char* name) { return std::strcmp(name, "fallback") == 0; }
-
-#ifdef FUSED_MOE_SM90
 
 // sm_90a code runs on compute capability 9.0 only.
 bool is_sm90(const DeviceInfo& d) { return d.major == 9 && d.minor == 0; }
@@ -56,83 +52,79 @@ bool sm90_applies(const GroupedGemmParams& p, const DeviceInfo& d) {
 // 256-512 rows), then 128 rows deep, which reads each weight tile from L2
 // half as often. The 64-row tile lost wherever N is not a multiple of 256
 // (gpt-oss-120b, 1.13x slower at 64 rows per expert), so it is not used there.
-const sm90::Config& heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
+const char* heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
   const double rows_per_expert = double(p.rows) / p.num_experts;
   if (rows_per_expert <= 10) {
     const int64_t experts_used = std::min<int64_t>(p.rows, p.num_experts);
     const bool few_tiles = experts_used * ((p.n + 127) / 128) < d.sm_count;
-    return few_tiles ? sm90::swap_64x16x128 : sm90::swap_128x16x128;
+    return few_tiles ? "swap_64x16x128" : "swap_128x16x128";
   }
-  if (rows_per_expert <= 24) return sm90::swap_128x32x128;
-  if (rows_per_expert <= 48) return sm90::swap_128x64x64;
+  if (rows_per_expert <= 24) return "swap_128x32x128";
+  if (rows_per_expert <= 48) return "swap_128x64x64";
   // Few experts (mixtral-like: a few big ones): the 64-row tile also won at
   // 512 rows per expert (the mixtral layer at 2048 tokens, alternated runs on
   // an H200: 2101-2129 us against 2331-2368), not at 2048.
   const double ping_rows = p.num_experts <= 16 ? 1024 : 320;
-  if (rows_per_expert <= ping_rows && p.n % 256 == 0) return sm90::ping_64x256x64;
-  return sm90::coop_128x256x64;
+  if (rows_per_expert <= ping_rows && p.n % 256 == 0) return "ping_64x256x64";
+  return "coop_128x256x64";
+}
+
+// The built row nearest to `name` in configs.cmake's order (rows per expert),
+// the larger tile on a tie; null when this build has no sm90 kernels.
+const sm90::Config* nearest_built(const char* name) {
+  const int n = static_cast<int>(sm90::kTable.size());
+  int at = 0;
+  while (at < n && std::strcmp(sm90::kTable[at].name, name) != 0) ++at;
+  for (int step = 0; step < n; ++step) {
+    if (at + step < n && sm90::kTable[at + step].config) return sm90::kTable[at + step].config;
+    if (at - step >= 0 && sm90::kTable[at - step].config) return sm90::kTable[at - step].config;
+  }
+  return nullptr;
+}
+
+// The forced configuration, or null when none is forced or it is "fallback".
+const sm90::Config* forced_sm90(const char* forced) {
+  if (!forced || is_fallback(forced)) return nullptr;
+  std::string names = "fallback";
+  for (const sm90::Entry& e : sm90::kTable) {
+    if (!e.config) continue;
+    if (std::strcmp(e.name, forced) == 0) return e.config;
+    names += std::string(", ") + e.name;
+  }
+  throw std::runtime_error(std::string("FUSED_MOE_GEMM_CONFIG=") + forced +
+                           " is not a configuration of this build: " + names);
 }
 
 // The sm90 configuration to run, or null for the fallback.
 const sm90::Config* choose(const GroupedGemmParams& p, const DeviceInfo& d) {
   const char* forced = forced_config();
-  const sm90::Config* named = nullptr;
-  if (forced && !is_fallback(forced)) {
-    std::string names = "fallback";
-    for (const sm90::Config* c : sm90::kConfigs) {
-      if (std::strcmp(c->name, forced) == 0) named = c;
-      names += std::string(", ") + c->name;
-    }
-    if (!named) {
-      throw std::runtime_error(std::string("FUSED_MOE_GEMM_CONFIG=") + forced + " is not one of: " + names);
-    }
-  }
+  const sm90::Config* named = forced_sm90(forced);
   if (!sm90_applies(p, d) || (forced && !named)) return nullptr;
-  return named ? named : &heuristic(p, d);
+  return named ? named : nearest_built(heuristic(p, d));
 }
 
-// The largest over the configurations, so that the size does not hinge on
-// which one grouped_gemm picks.
+// The largest over the built configurations, so that the size does not hinge
+// on which one grouped_gemm picks.
 size_t sm90_workspace_bytes(int num_groups, int sm_count) {
   size_t bytes = 0;
-  for (const sm90::Config* c : sm90::kConfigs) {
-    bytes = std::max(bytes, c->workspace_bytes(num_groups, sm_count));
+  for (const sm90::Entry& e : sm90::kTable) {
+    if (e.config) bytes = std::max(bytes, e.config->workspace_bytes(num_groups, sm_count));
   }
   return bytes;
 }
-
-#else  // no sm90 kernels: the fallback runs everywhere
-
-void check_forced_config() {
-  const char* forced = forced_config();
-  if (forced && !is_fallback(forced)) {
-    throw std::runtime_error(std::string("FUSED_MOE_GEMM_CONFIG=") + forced +
-                                ": this build has no sm90 kernels, only \"fallback\"");
-  }
-}
-
-#endif  // FUSED_MOE_SM90
 
 }  // namespace
 
 size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p) {
   if (p.rows == 0 || p.n == 0) return 0;
-#ifdef FUSED_MOE_SM90
   const DeviceInfo& d = device_info();
-  if (choose(p, d)) return sm90_workspace_bytes(p.num_experts, d.sm_count);
-#endif
-  return 0;  // the fallback needs none
+  return choose(p, d) ? sm90_workspace_bytes(p.num_experts, d.sm_count) : 0;  // fallback: none
 }
 
 void grouped_gemm(const GroupedGemmParams& p, void* workspace, cudaStream_t stream) {
   if (p.rows == 0 || p.n == 0) return;
-#ifdef FUSED_MOE_SM90
   const DeviceInfo& d = device_info();
   if (const sm90::Config* config = choose(p, d)) return config->run(p, workspace, d.sm_count, stream);
-#else
-  check_forced_config();
-  (void)workspace;  // the fallback needs none
-#endif
   grouped_gemm_fallback(p, stream);
 }
 

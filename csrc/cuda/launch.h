@@ -1,12 +1,25 @@
-// CUDA implementations of the functions in ../kernels.h. Each launches on
-// `stream`, never synchronises with the host, and takes its scratch memory
-// from `workspace` (at least *_workspace_bytes(p) bytes, 256-byte aligned,
-// allocated by the caller from PyTorch's caching allocator).
+// The CUDA kernels, one launcher per op over kernel_params.h's structs. Each
+// launches on `stream`, never synchronises with the host, and takes its
+// scratch memory from `workspace` (at least *_workspace_bytes(p) bytes,
+// 256-byte aligned, allocated by the caller from PyTorch's caching
+// allocator).
+//
+// Declared in every build, so ops.cpp has one code path: a build without
+// CUDA links cuda/no_cuda.cpp, whose definitions fail with a clear message.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include <cstddef>
+
+#include "kernel_params.h"
+
+// The CUDA runtime's own stream handle type, named without its headers.
+struct CUstream_st;
+typedef struct CUstream_st* cudaStream_t;
 
 namespace fused_moe::cuda {
+
+// PyTorch's current stream on `device`; fails if torch reports an error.
+cudaStream_t current_stream(int device);
 
 void topk(const TopkParams& p, cudaStream_t stream);
 

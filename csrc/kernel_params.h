@@ -1,14 +1,22 @@
-// The kernels behind every op, as plain functions over raw pointers.
+// The parameters of every kernel, device-neutral: raw pointers, sizes, enums.
 //
 // ops.cpp checks the tensors, allocates the outputs and fills one of these
-// parameter structs; cpu/ and cuda/ implement the same functions. Every
-// tensor is contiguous and row-major; shapes are in the comments.
+// structs; cpu/cpu_kernels.h and cuda/launch.h declare the functions that
+// take them. Every tensor is contiguous and row-major; shapes are in the
+// comments.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 #include <torch/headeronly/core/ScalarType.h>
+
+#if defined(__CUDACC__)
+#define FUSED_MOE_HD __host__ __device__ __forceinline__
+#else
+#define FUSED_MOE_HD inline
+#endif
 
 namespace fused_moe {
 
@@ -22,6 +30,20 @@ enum class Activation : int { kSilu = 0, kGelu, kGeluTanh, kRelu2, kSwigluOai };
 // g = min(gate, L).
 constexpr float kSwigluAlpha = 1.702f;
 constexpr float kSwigluLimit = 7.0f;
+
+// Expert ids as users hold them: int32 (fused_moe.topk) or int64
+// (torch.topk, Hugging Face routers), read in place. An id outside int32's
+// range reads as -1, which every kernel treats as a slot on another rank.
+struct ExpertIds {
+  const void* data = nullptr;  // [M, K]
+  bool is_int64 = false;
+
+  FUSED_MOE_HD int operator[](int64_t i) const {
+    if (!is_int64) return static_cast<const int32_t*>(data)[i];
+    const int64_t id = static_cast<const int64_t*>(data)[i];
+    return id >= 0 && id <= std::numeric_limits<int32_t>::max() ? static_cast<int>(id) : -1;
+  }
+};
 
 struct TopkParams {
   const void* logits = nullptr;  // [M, E], logits_dtype
@@ -42,7 +64,7 @@ struct TopkParams {
 struct PermuteParams {
   const void* x = nullptr;             // [M, H] tokens
   ScalarType dtype = ScalarType::Float;
-  const int32_t* topk_ids = nullptr;   // [M, K] global expert ids
+  ExpertIds topk_ids;                  // [M, K] global expert ids
   const int32_t* expert_map = nullptr; // [E_global] global -> local id or -1; null: identity
   const float* row_weights = nullptr;  // [M, K] or null: each gathered row is scaled by it
   void* out = nullptr;                 // [M*K, H]: local slots sorted by (local expert, t*K+k),
@@ -102,7 +124,7 @@ struct DecodeParams {
   const void* w13_bias = nullptr;      // [E_local, 2I or I] or null
   const void* w2_bias = nullptr;       // [E_local, H] or null
   const float* topk_weights = nullptr; // [M, K]
-  const int32_t* topk_ids = nullptr;   // [M, K] global expert ids
+  ExpertIds topk_ids;                  // [M, K] global expert ids
   const int32_t* expert_map = nullptr; // [E_global] global -> local id or -1; null: identity
   void* act = nullptr;                 // [M*K, I] scratch: the activations of every slot
   void* out = nullptr;                 // [M, H]
@@ -117,16 +139,4 @@ struct DecodeParams {
   bool weight_on_input = false;        // topk_weights scale x (K == 1) instead of the outputs
 };
 
-namespace cpu {
-void topk(const TopkParams& p);
-void permute(const PermuteParams& p);
-void grouped_gemm(const GroupedGemmParams& p);
-void activation(const ActivationParams& p);
-void unpermute(const UnpermuteParams& p);
-}  // namespace cpu
-
 }  // namespace fused_moe
-
-#ifdef FUSED_MOE_WITH_CUDA
-#include "cuda/kernels.h"
-#endif

@@ -1,0 +1,35 @@
+# The sm90a grouped GEMM configurations: the one list of them. Each row is
+# compiled in a translation unit of its own, generated from sm90_config.cu.in
+# (about 4.5 GB and a minute of nvcc each, so every row costs build time), and
+# listed for the dispatcher in the generated sm90_config_list.h.
+#
+# Rows are in the order of the rows per expert they suit, fewest first: a
+# build of a subset (FUSED_MOE_SM90_CONFIGS=swap_64x16x128,coop_128x256x64)
+# runs the nearest built row wherever the heuristic (grouped_gemm.cu) asks for
+# one that is not built.
+#
+# swap_*: out^T = w[e] a_e^T, the weights on the MMA's M side, for few rows per
+# expert (the rows only fill the narrow N side of the tile). The others: plain
+# out = a_e w[e]^T. Every cluster is 1x1: a 2x1 cluster's persistent grid would
+# need max_active_clusters set, else the clusters that do not fit at once run
+# after all the others have finished.
+#
+#   name             schedule     tile M N K    swap A/B
+set(FUSED_MOE_SM90_CONFIG_TABLE
+  # One token over few experts (decode with narrow experts): 64-row weight
+  # tiles give twice the CTAs of swap_128x16x128, so every SM streams weights.
+  "swap_64x16x128    Pingpong     64 16 128     true"
+  # Few rows per expert (decode): a 16-row N side; deep K tiles keep many
+  # weight bytes in flight.
+  "swap_128x16x128   Pingpong     128 16 128    true"
+  # Up to ~32 rows per expert.
+  "swap_128x32x128   Pingpong     128 32 128    true"
+  # Up to ~64 rows per expert.
+  "swap_128x64x64    Pingpong     128 64 64     true"
+  # A few hundred rows per expert: 64-row tiles pad each expert's last tile by
+  # half as much as 128-row ones. Pingpong: each consumer warp group owns a
+  # whole 64x256 tile, and one's epilogue overlaps the other's mainloop.
+  "ping_64x256x64    Pingpong     64 256 64     false"
+  # Many rows per expert (prefill): the largest tile.
+  "coop_128x256x64   Cooperative  128 256 64    false"
+)
