@@ -6,7 +6,7 @@ reruns and batch sizes, and CUDA-graph replay."""
 import pytest
 import torch
 
-import fused_moe  # noqa: F401  (registers torch.ops.fused_moe)
+import fused_moe
 from fused_moe import reference
 from conftest import DTYPES, assert_close
 
@@ -166,6 +166,42 @@ def test_permute(num_experts, k, hidden, dtype, remote, weighted):
             assert_close(got[0], ref[0], dtype)
         else:
             assert torch.equal(got[0].cpu(), ref[0].to(dtype))
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_permute_int64_ids(remote):
+    """int64 ids (torch.topk's) give the int32 ids' result; ids past int32's
+    range count as remote."""
+    m, h, e, k = 301, 2048, 128, 8
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    ids = torch.topk(torch.randn(m, e, device="cuda"), k).indices
+    expert_map = None
+    if remote:
+        expert_map = torch.full((e,), -1, dtype=torch.int32, device="cuda")
+        expert_map[::2] = torch.arange(e // 2, dtype=torch.int32, device="cuda")
+        ids[::7, 0] = 2**32 + 2  # reads as -1: another rank's
+    local = e // 2 if remote else e
+    got = ops.permute(x, ids, local, expert_map, None)
+    want = ops.permute(x, ids.clamp(max=2**31 - 1).int(), local, expert_map, None)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("decode", ["0", "1"])
+@pytest.mark.parametrize("m", [1, 4, 200])
+def test_fused_experts_int64_ids(decode, m, monkeypatch):
+    """Both CUDA paths (the decode kernels and the chain) read int64 ids in place."""
+    monkeypatch.setenv("FUSED_MOE_DECODE", decode)
+    e, k, h, inter = 64, 6, 512, 256
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(m, h, device=dev, dtype=dt)
+    w13 = (torch.randn(e, 2 * inter, h, device=dev) / h**0.5).to(dt)
+    w2 = (torch.randn(e, h, inter, device=dev) / inter**0.5).to(dt)
+    weights, ids = torch.topk(torch.randn(m, e, device=dev).softmax(-1), k)
+    out = fused_moe.fused_experts(x, w13, w2, weights, ids)
+    assert torch.equal(out, fused_moe.fused_experts(x, w13, w2, weights, ids.int()))
+    ref = reference.fused_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
+    assert_close(out.cpu(), ref, dt)
 
 
 def test_permute_ids_out_of_range():

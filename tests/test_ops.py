@@ -169,6 +169,18 @@ def test_swigluoai_clamps_by_hand():
     torch.testing.assert_close(fused_moe.activation(x, "swigluoai"), torch.tensor([expected]))
 
 
+def test_permute_takes_int64_ids():
+    """torch.topk's int64 ids, read in place: the same rows and indices as int32."""
+    m, h, e, k = 29, 40, 12, 3
+    x = torch.randn(m, h)
+    ids = torch.topk(torch.randn(m, e), k).indices
+    assert ids.dtype == torch.int64
+    got = fused_moe.permute(x, ids, e)
+    want = reference.permute(x, ids, e)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert torch.equal(got[0].double(), want[0])
+
+
 # --- the whole expert computation -----------------------------------------------------
 
 
@@ -181,6 +193,17 @@ def test_fused_experts(num_experts, topk, dtype):
     w, ids = random_routing(m, num_experts, topk)
     out = fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids)
     assert out.dtype == dtype and out.shape == (m, h)
+    assert_close(out, reference.fused_experts(x, moe["w13"], moe["w2"], w, ids), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_experts_int64_ids(dtype):
+    m, h, inter, e, k = 21, 48, 20, 10, 4
+    x = torch.randn(m, h).to(dtype)
+    moe = random_moe(e, h, inter, dtype)
+    w, ids = random_routing(m, e, k)
+    out = fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids.long())
+    assert torch.equal(out, fused_moe.fused_experts(x, moe["w13"], moe["w2"], w, ids))
     assert_close(out, reference.fused_experts(x, moe["w13"], moe["w2"], w, ids), dtype)
 
 
