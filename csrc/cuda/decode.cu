@@ -394,9 +394,8 @@ bool decode_applies(const DecodeParams& p) {
   // One token reads each chosen expert once: always. With more, this path
   // reads an expert once per slot on it (the chain once) at a lower share of
   // HBM bandwidth than the chain's GEMMs, which wins only while the chain's
-  // ~25 us of fixed launch cost is a large part of the total. Measured on an
-  // H200 (benchmarks/RESULTS.md): it wins up to ~400 MB of slot weights
-  // (qwen3-30b-a3b M=4, gpt-oss-120b M=2) and loses past ~600 MB.
+  // fixed launch cost is a large part of the total: up to kMaxSlotBytes of
+  // slot weights (benchmarks/RESULTS.md, "Decode path").
   const int64_t n13 = p.gated ? 2 * p.inter : p.inter;
   const double slot_bytes = double(p.num_tokens) * p.topk * (n13 + p.inter) * p.hidden *
                             element_bytes(p.dtype);

@@ -6,20 +6,20 @@
 // repeats an expert.
 //
 // Routing reads little memory and is bound by instruction issue and latency:
-// one token per warp spent ~860 warp instructions per token (DeepSeek-V3
-// shape, ncu), most of them in the K argmax rounds and their bookkeeping; with
-// four tokens per warp each round serves all four (~500 per token). A round
-// is a segment max plus a ballot; then the token's L lanes rescan the
+// with one token per warp most instructions went to the K argmax rounds and
+// their bookkeeping; with several tokens per warp each round serves them all.
+// A round is a segment max plus a ballot; then the token's L lanes rescan the
 // winner's row together (from shared memory, where a row can be picked at
-// run time) for its next best. Its time follows the memory system more than
-// the instruction count (64 registers, 32 warps; past 24 warps an SM more
-// add little): what a warp keeps through the rounds is kept small, expert
-// counts that fill the lanes skip every per-key padding test, 4-byte logits
-// reach the lanes through shared memory in contiguous 16-byte pieces (each
-// lane loading its own N used half of every sector L1 fetched, and L1 was
-// the busiest unit: 26 us instead of 30 for DeepSeek-V3's 32768 x 256),
-// the logits pass through L2 evict-first, and a chosen weight comes from its
-// key rather than a second read of the logits where it can.
+// run time) for its next best. Its time follows the warps in flight and the
+// memory system more than the instruction count (64 registers keep 32 warps
+// an SM, about where more stop helping): what a warp keeps through the rounds
+// is kept small, expert counts that fill the lanes skip every per-key padding
+// test, 4-byte logits reach the lanes through shared memory in contiguous
+// 16-byte pieces (each lane loading its own N used half of every sector L1
+// fetched, and L1 was the busiest unit), the logits pass through L2
+// evict-first, and a chosen weight comes from its key rather than a second
+// read of the logits where it can. Measurements: benchmarks/RESULTS.md,
+// "Routing kernel".
 #include <cmath>
 
 #include "cuda/common.cuh"
@@ -32,7 +32,8 @@ constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
 constexpr int kBlockKeys = 8;  // keys per block of a lane's first scan
 // Blocks an SM keeps: 64 registers a thread. Latency bound, the kernel needs
-// the warps more than the registers (72 of them cost 4 warps an SM).
+// the warps more than the registers (72 of them cost 4 warps an SM;
+// benchmarks/RESULTS.md, "Routing kernel").
 constexpr int kMinBlocks = 8;
 
 // Words between two lanes' keys in shared memory. N % 4 == 0: N + 4, so a
@@ -77,8 +78,8 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Selection scores: sigmoid from the hardware's exp2 and reciprocal
-// approximations (relative error ~2^-21; four instructions a key instead of
-// ~12, which bought 1.5-2 us of 31.5 on the DeepSeek-V3 shape). A selection
+// approximations (relative error ~2^-21; a few instructions a key instead of
+// a dozen: benchmarks/RESULTS.md, "Routing kernel"). A selection
 // differs from the exact one only among scores a few ulp apart, as the CPU
 // kernel's std::exp against expf already allows. e^-x overflowing gives 0,
 // underflowing 1; NaN stays NaN. Biased weights are scored again by sigmoid().
@@ -289,8 +290,8 @@ __device__ __forceinline__ void stage_lane(const T* row, uint32_t* token_rows, i
 
 // This lane's N logits (-inf past E): staged through the token's rows where
 // the layout allows (`aligned`: the logits start 16-byte aligned) and it
-// paid, else loaded directly. It paid at 32 keys a lane (256 experts: 26 us
-// instead of 30 on an H200); at 16 (128 experts) it did not (within +-5%).
+// paid, else loaded directly. It paid at 32 keys a lane (256 experts and
+// up), not at 16 (benchmarks/RESULTS.md, "Routing kernel").
 template <int N, int L, bool kPad, typename T>
 __device__ __forceinline__ void load_logits(const T* row, bool aligned, uint32_t* token_rows, int sub, int first,
                                             int E, float (&x)[N]) {

@@ -44,14 +44,14 @@ bool sm90_applies(const GroupedGemmParams& p, const DeviceInfo& d) {
 }
 
 // From the average rows per expert, tuned on an H200 with
-// benchmarks/bench_gemm.py over the PERF.md shapes (2026-11-29): the swap-AB
-// tile whose narrow side holds a typical expert's rows (mean + ~3 sigma of a
-// Poisson count) reads each weight once. Past ~48 rows the 256-wide tiles
-// win: 64 rows deep up to a few hundred rows, where a 128-row tile would pad
-// each expert's last tile by ~64 rows on average (12-25% of the work at
-// 256-512 rows), then 128 rows deep, which reads each weight tile from L2
-// half as often. The 64-row tile lost wherever N is not a multiple of 256
-// (gpt-oss-120b, 1.13x slower at 64 rows per expert), so it is not used there.
+// benchmarks/bench_gemm.py over the PERF.md shapes (benchmarks/RESULTS.md,
+// "GEMM tile heuristic"): the swap-AB tile whose narrow side holds a typical
+// expert's rows (mean + ~3 sigma of a Poisson count) reads each weight once.
+// Past ~48 rows the 256-wide tiles win: 64 rows deep up to a few hundred
+// rows, where a 128-row tile would pad each expert's last tile by half a tile
+// on average, then 128 rows deep, which reads each weight tile from L2 half
+// as often. The 64-row tile lost wherever N is not a multiple of 256
+// (gpt-oss-120b), so it is not used there.
 const char* heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
   const double rows_per_expert = double(p.rows) / p.num_experts;
   if (rows_per_expert <= 10) {
@@ -61,9 +61,9 @@ const char* heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
   }
   if (rows_per_expert <= 24) return "swap_128x32x128";
   if (rows_per_expert <= 48) return "swap_128x64x64";
-  // Few experts (mixtral-like: a few big ones): the 64-row tile also won at
-  // 512 rows per expert (the mixtral layer at 2048 tokens, alternated runs on
-  // an H200: 2101-2129 us against 2331-2368), not at 2048.
+  // Few experts (mixtral-like: a few big ones): the 64-row tile also won the
+  // whole layer at 512 rows per expert, not at 2048 (benchmarks/RESULTS.md,
+  // "GEMM tile heuristic").
   const double ping_rows = p.num_experts <= 16 ? 1024 : 320;
   if (rows_per_expert <= ping_rows && p.n % 256 == 0) return "ping_64x256x64";
   return "coop_128x256x64";

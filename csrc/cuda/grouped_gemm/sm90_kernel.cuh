@@ -1,6 +1,7 @@
 // The one sm90a grouped GEMM definition: a CUTLASS 3.x pointer-array grouped
 // GEMM (TMA, warp-specialized persistent kernel) over expert-sorted rows.
-// Each sm90_<name>.cu instantiates it once through make_config<Spec>().
+// Each row of configs.cmake instantiates it once through make_config<Spec>(),
+// in a translation unit generated from sm90_config.cu.in.
 //
 // Per expert e with rows [off[e], off[e+1]):
 //   plain:   out_e   = a_e   w[e]^T   MMA (M, N, K) = (rows, N, K)
