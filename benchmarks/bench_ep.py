@@ -15,7 +15,8 @@ Exits non-zero when any configuration fails its check.
 
 import os
 
-# NVLink multicast (NVLS, symmetric memory) stays off on the lent multi-GPU hosts.
+# NVLink multicast (NVLS, symmetric memory) off unless the environment sets these:
+# the collectives here do not need it, and not every multi-GPU host supports it.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
@@ -23,8 +24,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import itertools  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -34,16 +33,19 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from fused_moe import FusedMoE  # noqa: E402
+from fused_moe import FusedMoE, bench  # noqa: E402
 from fused_moe.parallel import (  # noqa: E402
     EXPERT_PLACEMENT_STRATEGIES,
     all_gather_tokens,
     reduce_scatter,
 )
 
+# DeepSeek-V3's routing: sigmoid scores, grouped top-k, scaled weights.
+ROUTING = bench.LAYER_OPTIONS["deepseek-v3"]
 # Sizes and routing groups: DeepSeek-V3's MoE layer, and a tiny one for CPU tests.
-DEEPSEEK_V3 = dict(num_experts=256, top_k=8, hidden_size=7168, intermediate_size=2048,
-                   num_expert_group=8, topk_group=4)
+DEEPSEEK_V3 = dict(zip(("num_experts", "top_k", "hidden_size", "intermediate_size"),
+                       bench.MODELS["deepseek-v3"]),
+                   num_expert_group=ROUTING["num_expert_group"], topk_group=ROUTING["topk_group"])
 SMALL = dict(num_experts=16, top_k=4, hidden_size=64, intermediate_size=32,
              num_expert_group=4, topk_group=2)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -212,10 +214,7 @@ def make_layer(shape, dtype, bias, device, placement=None, redundant=0):
     """The DeepSeek-V3 routing; unsharded (ep_size=1) unless a placement is given."""
     sharded = placement is not None
     return FusedMoE(
-        shape["num_experts"], shape["top_k"], shape["hidden_size"], shape["intermediate_size"],
-        params_dtype=dtype, use_grouped_topk=True, num_expert_group=shape["num_expert_group"],
-        topk_group=shape["topk_group"], scoring_func="sigmoid", e_score_correction_bias=bias,
-        routed_scaling_factor=2.5, renormalize=True,
+        **{**ROUTING, **shape}, params_dtype=dtype, e_score_correction_bias=bias, renormalize=True,
         ep_size=dist.get_world_size() if sharded else 1, ep_rank=dist.get_rank() if sharded else 0,
         tp_size=1, tp_rank=0, process_group=dist.group.WORLD if sharded else None,
         expert_placement_strategy=placement or "linear", enable_eplb=bool(redundant),
@@ -344,25 +343,16 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def card_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
-
-
 def nccl_version(device):
     return ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None
 
 
 def write_json(args, results, device):
-    record = dict(date=datetime.date.today().isoformat(), card=card_name(device),
-                  world_size=dist.get_world_size(), backend=dist.get_backend(),
-                  dtype=str(layer_dtype(args, device)).removeprefix("torch."),
-                  torch=torch.__version__, nccl=nccl_version(device), command=" ".join(sys.argv),
-                  shape=SMALL if args.small else DEEPSEEK_V3, iters=args.iters,
-                  results=results)
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=1)
+    bench.write_json(args.json, device=device, world_size=dist.get_world_size(),
+                     backend=dist.get_backend(),
+                     dtype=str(layer_dtype(args, device)).removeprefix("torch."),
+                     nccl=nccl_version(device), shape=SMALL if args.small else DEEPSEEK_V3,
+                     iters=args.iters, results=results)
 
 
 if __name__ == "__main__":

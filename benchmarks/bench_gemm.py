@@ -11,8 +11,6 @@ rows + a + out.
 """
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
@@ -66,6 +64,8 @@ def main():
     parser.add_argument("--replays", type=int, default=bench.REPLAYS)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemm.py needs a CUDA GPU")
 
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     configs = args.configs.split(",") if args.configs else ["default"] + (SM90_CONFIGS if sm90 else [])
@@ -100,10 +100,7 @@ def main():
             del w
             torch.cuda.empty_cache()
     if args.json:
-        meta = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-                    torch=torch.__version__, dtype=args.dtype, command=" ".join(sys.argv))
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=1)
+        bench.write_json(args.json, dtype=args.dtype, results=results)
 
 
 if __name__ == "__main__":

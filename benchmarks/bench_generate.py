@@ -8,8 +8,6 @@ every implementation generates the same number of tokens.
 """
 
 import argparse
-import datetime
-import json
 import sys
 import time
 
@@ -17,6 +15,7 @@ import torch
 import transformers
 
 import fused_moe.integrations.transformers  # noqa: F401  (registers "fused_moe")
+from fused_moe import bench
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "fused_moe")
 BATCHES = (1, 32)
@@ -64,10 +63,7 @@ def main() -> None:
             results.append(dict(impl=impl, batch=batch, new_tokens=NEW_TOKENS, tokens_per_s=rate))
             print(f"{impl:<12}{batch:>6}{rate:>12.1f}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"date": datetime.date.today().isoformat(), "card": torch.cuda.get_device_name(),
-                       "torch": torch.__version__, "transformers": transformers.__version__,
-                       "command": " ".join(sys.argv), "results": results}, f, indent=1)
+        bench.write_json(args.json, transformers=transformers.__version__, results=results)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ must equal the ops' bit for bit.
 """
 
 import argparse
-import datetime
-import json
 import math
 import sys
 
@@ -21,22 +19,16 @@ import torch
 
 from fused_moe import FusedMoE, bench, fused_experts, fused_topk
 
-ROUTING = {
-    "deepseek-v3": dict(scoring_func="sigmoid", use_grouped_topk=True, num_expert_group=8,
-                        topk_group=4, routed_scaling_factor=2.5),
-}
-ACTIVATION = {"gpt-oss-120b": dict(activation="swigluoai", has_bias=True)}
 LIMIT = 1.05
 
 
 def make_layers(name, device="cuda"):
     """{bf16: layer, fp16: the same layer in fp16}, PERF.md's weight scales."""
     e, k, h, i = bench.MODELS[name]
-    routing = dict(ROUTING.get(name, {}))
-    if routing.get("use_grouped_topk"):
-        routing["e_score_correction_bias"] = 0.1 * torch.randn(e, device=device)
-    layers = {dtype: FusedMoE(e, k, h, i, params_dtype=dtype, device=device, **routing,
-                              **ACTIVATION.get(name, {}))
+    options = dict(bench.LAYER_OPTIONS.get(name, {}))
+    if name in bench.BIASED_ROUTING:
+        options["e_score_correction_bias"] = 0.1 * torch.randn(e, device=device)
+    layers = {dtype: FusedMoE(e, k, h, i, params_dtype=dtype, device=device, **options)
               for dtype in (torch.bfloat16, torch.float16)}
     first, second = layers.values()
     with torch.no_grad():
@@ -117,10 +109,7 @@ def main():
     print("worst: " + ", ".join(f"{k} {v:.3f}" for k, v in worst.items()) +
           ("  (goal met)" if max(worst.values()) <= LIMIT else "  (goal NOT met)"))
     if args.json:
-        meta = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-                    torch=torch.__version__, command=" ".join(sys.argv))
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results, worst=worst), f, indent=1)
+        bench.write_json(args.json, results=results, worst=worst)
 
 
 if __name__ == "__main__":

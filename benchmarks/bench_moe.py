@@ -5,8 +5,6 @@ and a per-expert loop, measured by fused_moe.bench.
 """
 
 import argparse
-import datetime
-import json
 import sys
 
 import torch
@@ -34,8 +32,7 @@ def main() -> None:
     impls = args.impls.split(",")
     bench.check_device_support(impls)
     ceilings = bench.measure_ceilings()
-    card = torch.cuda.get_device_name()
-    print(f"{card}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
+    print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
           f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
     shapes = {name: bench.MODELS[name] for name in args.models.split(",")}
     ms = [int(m) for m in args.ms.split(",")]
@@ -44,10 +41,7 @@ def main() -> None:
     results = bench.run(shapes, ms, impls=impls, ceilings=ceilings, rounds=args.rounds)
     print(bench.format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"date": datetime.date.today().isoformat(), "card": card, "torch": torch.__version__,
-                       "command": " ".join(sys.argv), "ceilings": vars(ceilings), "results": results},
-                      f, indent=1)
+        bench.write_json(args.json, ceilings=vars(ceilings), results=results)
 
 
 if __name__ == "__main__":

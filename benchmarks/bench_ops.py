@@ -11,37 +11,30 @@ must read and write (inputs once, outputs once; no scratch) / time.
 """
 
 import argparse
-import datetime
-import json
 import sys
 
 import torch
 
-from fused_moe import bench  # the graph-replay timer and the copy ceiling
+from fused_moe import bench  # the model shapes, the graph-replay timer, the copy ceiling
 
 ops = torch.ops.fused_moe
 
-# name: (E, K, H, I, activation, routing options); activations in bf16, logits fp32.
-SHAPES = {
-    "mixtral-8x7b": (8, 2, 4096, 14336, "silu", {}),
-    "qwen3-30b-a3b": (128, 8, 2048, 768, "silu", {}),
-    "qwen3-235b-a22b": (128, 8, 4096, 1536, "silu", {}),
-    "deepseek-v3": (256, 8, 7168, 2048, "silu", {"scoring": "sigmoid", "groups": 8,
-                                                 "topk_group": 4, "bias": True, "scale": 2.5}),
-    "gpt-oss-120b": (128, 4, 2880, 2880, "swigluoai", {}),
-}
 TOKENS = [1, 64, 4096, 32768]
-BF16 = 2
+BF16 = 2  # activations in bf16, logits fp32
 
 
-def cases(num_experts, k, hidden, inter, act, routing, m):
-    """(op name, callable, bytes moved) for one shape and token count."""
+def cases(name, m):
+    """(op name, callable, bytes moved) for model ``name`` at m tokens, with
+    the model's routing and activation."""
+    num_experts, k, hidden, inter = bench.MODELS[name]
+    options = bench.LAYER_OPTIONS.get(name, {})
+    act = options.get("activation", "silu")
     dev = "cuda"
     logits = torch.randn(m, num_experts, device=dev)
-    bias = 0.1 * torch.randn(num_experts, device=dev) if routing.get("bias") else None
-    groups, topk_group = routing.get("groups", 0), routing.get("topk_group", 0)
-    route_args = (k, True, routing.get("scoring", "softmax"), bias, groups, topk_group,
-                  routing.get("scale", 1.0))
+    bias = 0.1 * torch.randn(num_experts, device=dev) if name in bench.BIASED_ROUTING else None
+    route_args = (k, True, options.get("scoring_func", "softmax"), bias,
+                  options.get("num_expert_group", 0), options.get("topk_group", 0),
+                  options.get("routed_scaling_factor", 1.0))
     weights, ids = ops.topk(logits, *route_args)
     x = torch.randn(m, hidden, device=dev, dtype=torch.bfloat16)
     _, _, inv = ops.permute(x, ids, num_experts, None, None)
@@ -62,26 +55,25 @@ def cases(num_experts, k, hidden, inter, act, routing, m):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(bench.MODELS))
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", metavar="PATH", help="write every number, the card and the date")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_ops.py needs a CUDA GPU")
-    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    unknown = set(args.shapes.split(",")) - set(bench.MODELS)
     if unknown:
         parser.error(f"unknown shapes {sorted(unknown)}")
 
-    card = torch.cuda.get_device_name()
     copy = bench.copy_gbps()
-    print(f"{card}: device-to-device copy {copy:.0f} GB/s (read + write)")
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (read + write)")
     print(f"{'shape':<16} {'M':>6} {'op':<11} {'us':>9} {'GB/s':>7} {'of copy':>8}")
     flush = torch.empty(bench.FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     results = []
     for name in args.shapes.split(","):
         for m in map(int, args.tokens.split(",")):
-            for op, fn, nbytes in cases(*SHAPES[name], m):
+            for op, fn, nbytes in cases(name, m):
                 us, _ = bench.time_graph(fn, flush, args.iters)
                 gbps = nbytes / us / 1e3
                 results.append({"shape": name, "tokens": m, "op": op, "us": us, "bytes": nbytes,
@@ -89,10 +81,7 @@ def main():
                 print(f"{name:<16} {m:>6} {op:<11} {us:>9.1f} {gbps:>7.0f} {gbps / copy:>8.0%}")
             torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"date": datetime.date.today().isoformat(), "card": card,
-                       "torch": torch.__version__, "command": " ".join(sys.argv),
-                       "copy_gbps": copy, "results": results}, f, indent=1)
+        bench.write_json(args.json, copy_gbps=copy, results=results)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ implementation, with the measured floor.
     python benchmarks/plot_results.py benchmarks/results/bench_moe_h200_2026-11-29.json out.png
 """
 
+import argparse
 import json
-import sys
 
 import matplotlib
 
@@ -35,4 +35,9 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="a JSON record of benchmarks/bench_moe.py")
+    parser.add_argument("dst", help="the PNG to write")
+    args = parser.parse_args()
+    main(args.src, args.dst)

@@ -9,8 +9,6 @@ between rows price each part: e.g. k=1 -> k=8 is seven argmax rounds.
 """
 
 import argparse
-import datetime
-import json
 
 import torch
 
@@ -39,7 +37,7 @@ def main():
         raise SystemExit("routing_parts.py needs a CUDA GPU")
 
     ops = torch.ops.fused_moe
-    flush = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.empty(bench.FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     logits = torch.randn(args.tokens, args.experts, device="cuda")
     bias = 0.1 * torch.randn(args.experts, device="cuda")
     best = {}
@@ -50,14 +48,12 @@ def main():
             us = bench.time_graph(run, flush, 50)[0]
             best[name] = min(best.get(name, us), us)
 
-    card = torch.cuda.get_device_name()
-    print(f"{card}: {args.tokens} tokens x {args.experts} experts, fp32 logits")
+    print(f"{torch.cuda.get_device_name()}: {args.tokens} tokens x {args.experts} experts, "
+          "fp32 logits")
     for name, us in best.items():
         print(f"{name:45s} {us:7.1f} us")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": card, "date": datetime.date.today().isoformat(), "tokens": args.tokens,
-                       "experts": args.experts, "us": best}, f, indent=1)
+        bench.write_json(args.json, tokens=args.tokens, experts=args.experts, us=best)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fused_moe
 
@@ -36,11 +37,34 @@ def test_bench_writes_json(tmp_path):
     result = cli(*TINY, "--json", str(out))
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
+    assert {"date", "card", "torch", "cuda", "commit", "command", "build"} <= set(record)
+    assert record["command"].startswith("python -m fused_moe bench --shape 4,2,32,24")
     rows = record["results"]
     assert {r["M"] for r in rows} == {1, 4}
-    assert {r["impl"] for r in rows} >= {"fused_moe", "loop"}
+    assert {r["impl"] for r in rows} == {"fused_moe", "grouped_mm", "loop"}
     assert all(r["us"] > 0 and (r["E"], r["K"], r["H"], r["I"]) == (4, 2, 32, 24) for r in rows)
+    assert all(r["ok"] for r in rows)  # every output checked against the per-expert loop
     assert "impl" in result.stdout and "fused_moe" in result.stdout  # the table
+    assert "over the best peer" in result.stdout  # the summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode")
+def test_cpu_bench_compares_three_implementations_per_dtype(tmp_path):
+    out = tmp_path / "bench.json"
+    result = cli(*TINY, "--dtype", "fp32,bf16", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "No GPU found: CPU mode" in result.stdout
+    rows = json.loads(out.read_text())["results"]
+    points = {(r["M"], r["dtype"]) for r in rows}
+    assert points == {(m, d) for m in (1, 4) for d in ("fp32", "bf16")}
+    for m, dtype in points:
+        point = [r for r in rows if (r["M"], r["dtype"]) == (m, dtype)]
+        assert [r["impl"] for r in point] == ["fused_moe", "grouped_mm", "loop"]
+        assert all(r["ok"] and r["device"] == "cpu" for r in point)
+        summary = f"custom M={m} {dtype}: fused_moe "
+        assert summary in result.stdout
+    bad = cli(*TINY, "--dtype", "fp8")
+    assert bad.returncode == 2 and "unknown ['fp8']" in bad.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")

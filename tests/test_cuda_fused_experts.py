@@ -8,17 +8,11 @@ import torch
 
 import fused_moe
 from fused_moe import reference
+from fused_moe.bench import LAYER_OPTIONS, MODELS
 from conftest import random_moe, random_routing, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-MODELS = {  # E, K, H, I
-    "mixtral-8x7b": (8, 2, 4096, 14336),
-    "qwen3-30b-a3b": (128, 8, 2048, 768),
-    "qwen3-235b-a22b": (128, 8, 4096, 1536),
-    "deepseek-v3": (256, 8, 7168, 2048),
-    "gpt-oss-120b": (128, 4, 2880, 2880),
-}
 BF16_TOL = 1e-2
 
 
@@ -49,8 +43,9 @@ def check(m, e, k, h, inter, dtype=torch.bfloat16, skew=None, **kw):
 def test_model_shapes(model, m, path):
     torch.cuda.empty_cache()  # two workers each hold up to 21 GiB of weights
     e, k, h, inter = MODELS[model]
-    act = "swigluoai" if model == "gpt-oss-120b" else "silu"
-    check(m, e, k, h, inter, activation=act, bias=model == "gpt-oss-120b")
+    options = LAYER_OPTIONS.get(model, {})
+    check(m, e, k, h, inter, activation=options.get("activation", "silu"),
+          bias=options.get("has_bias", False))
     torch.cuda.empty_cache()
 
 

@@ -263,6 +263,80 @@ def test_vllm_style_loading_loop_with_redundant_experts(ep_rank):
                                atol=1e-5)
 
 
+class VllmStyleModel(torch.nn.Module):
+    """The shape of a vLLM MoE model (Qwen3-MoE's): ``model.layers[0].mlp``
+    holds a gate and the FusedMoE ``experts``; ``load_weights`` is its loop."""
+
+    def __init__(self, **layer_kwargs):
+        super().__init__()
+        self.model = torch.nn.Module()
+        layer = torch.nn.Module()
+        layer.mlp = Block(FusedMoE(E, K, H, I, has_bias=True, **layer_kwargs))
+        self.model.layers = torch.nn.ModuleList([layer])
+
+    def forward(self, x):
+        return self.model.layers[0].mlp(x)
+
+    def load_weights(self, weights, mapping, **loader_kwargs):
+        """Returns how many expert tensors a weight_loader reported loaded."""
+        params_dict = dict(self.named_parameters())
+        loaded = 0
+        for name, loaded_weight in weights:
+            for param_name, weight_name, expert_id, shard_id in mapping:
+                if weight_name not in name:
+                    continue
+                name = name.replace(weight_name, param_name)
+                param = params_dict[name]
+                ok = param.weight_loader(param, loaded_weight, name, shard_id=shard_id,
+                                         expert_id=expert_id, **loader_kwargs)
+                loaded += bool(ok)
+                break
+            else:  # not an expert tensor: vLLM's default_weight_loader copies it
+                with torch.no_grad():
+                    params_dict[name].copy_(loaded_weight)
+        return loaded
+
+
+VLLM_MAPPING_CALLS = {
+    "keywords": lambda model: FusedMoE.make_expert_params_mapping(
+        model, ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
+        ckpt_up_proj_name="up_proj", num_experts=E, num_redundant_experts=0),
+    "positional": lambda model: FusedMoE.make_expert_params_mapping(
+        model, "gate_proj", "down_proj", "up_proj", E),
+    "model_none": lambda model: FusedMoE.make_expert_params_mapping(
+        None, "gate_proj", "down_proj", "up_proj", num_experts=E),
+    "model_keyword": lambda model: FusedMoE.make_expert_params_mapping(
+        model=model, ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
+        ckpt_up_proj_name="up_proj", num_experts=E),
+}
+
+
+@pytest.mark.parametrize("return_success", [False, True])
+@pytest.mark.parametrize("call", VLLM_MAPPING_CALLS)
+@pytest.mark.parametrize("tp_size,ep_size", [(1, 1), (2, 2)])
+def test_vllm_model_load_weights_loop(call, return_success, tp_size, ep_size):
+    """vLLM's own call of make_expert_params_mapping (a model first) and its
+    models' loop over checkpoint names, on every rank; the ranks' outputs sum
+    to the float64 reference of the checkpoint."""
+    full = random_checkpoint()
+    gate = torch.randn(E, H) / H**0.5
+    checkpoint = {**qwen3_names(full, "mlp"), "model.layers.0.mlp.gate.weight": gate}
+    x = torch.randn(M, H)
+    total = 0
+    for r in range(tp_size * ep_size):
+        model = VllmStyleModel(tp_size=tp_size, tp_rank=r % tp_size, ep_size=ep_size,
+                               ep_rank=r // tp_size)
+        mapping = VLLM_MAPPING_CALLS[call](model)
+        assert mapping == make_expert_params_mapping("gate_proj", "down_proj", "up_proj", E)
+        kwargs = {"return_success": True} if return_success else {}
+        loaded = model.load_weights(checkpoint.items(), mapping, **kwargs)
+        experts = model.model.layers[0].mlp.experts
+        assert loaded == (experts.local_num_experts * 6 if return_success else 0)
+        total = total + model(x)
+    torch.testing.assert_close(total.double(), reference_output(full, x, x @ gate.T), rtol=1e-4,
+                               atol=1e-5)
+
+
 # --- safetensors folders ------------------------------------------------------------
 
 

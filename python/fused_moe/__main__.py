@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import importlib.metadata
-import json
 import sys
 
 import torch
@@ -81,14 +79,17 @@ def add_bench_parser(commands) -> None:
         "bench", help="time fused_moe against torch._grouped_mm and a per-expert loop (PERF.md)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", choices=sorted(bench.MODELS),
-                       help="a PERF.md shape (default qwen3-30b-a3b; on CPU a small shape)")
+                       help="a PERF.md shape (default qwen3-30b-a3b; on CPU "
+                            f"{' and '.join(bench.CPU_SHAPES)})")
     which.add_argument("--shape", type=_ints(4), metavar="E,K,H,I", help="experts, top-k, hidden, intermediate")
     parser.add_argument("--tokens", type=_ints(), metavar="M,M,...",
                         help=f"token counts (default {','.join(map(str, bench.TOKENS))}; "
                              f"on CPU {','.join(map(str, bench.CPU_TOKENS))})")
     parser.add_argument("--impl", type=_names(bench.IMPLS), metavar="NAME,...",
-                        help=f"implementations to time, of {','.join(bench.IMPLS)} (default: all "
-                             "on a GPU; fused_moe and loop on CPU)")
+                        help=f"implementations to time, of {','.join(bench.IMPLS)} (default all)")
+    parser.add_argument("--dtype", type=_names(bench.DTYPES), metavar="NAME,...",
+                        help=f"dtypes, of {','.join(bench.DTYPES)} (default bf16; on CPU "
+                             f"{','.join(bench.CPU_DTYPES)})")
     parser.add_argument("--rounds", type=_ints(1), default=(1,), metavar="N",
                         help="take N medians per implementation, in turns, and keep the best (default 1)")
     parser.add_argument("--json", metavar="FILE", help="write the results, card and date as JSON")
@@ -122,20 +123,24 @@ def run_bench(args) -> None:
         _require_matplotlib()
     cuda = torch.cuda.is_available()
     if not cuda:
-        print("No GPU found: CPU mode (float32 wall-clock medians, no CUDA graphs, no floor).")
+        print("No GPU found: CPU mode (wall-clock medians, no CUDA graphs, no floor).")
     shapes = _shapes(args, cuda)
     tokens = args.tokens or (bench.TOKENS if cuda else bench.CPU_TOKENS)
-    impls = args.impl or (bench.IMPLS if cuda else bench.CPU_IMPLS)
+    impls = args.impl or bench.IMPLS
     ceilings = None
     if cuda:
         bench.check_device_support(impls)
         ceilings = bench.measure_ceilings()
         print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
               f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
-    results = bench.run(shapes, tokens, impls=impls, ceilings=ceilings, rounds=args.rounds[0])
+    results = bench.run(shapes, tokens, impls=impls, dtypes=args.dtype, ceilings=ceilings,
+                        rounds=args.rounds[0])
     print(bench.format_table(results))
+    print(bench.format_summary(results))
     if args.json:
-        _write_json(args.json, results, ceilings)
+        bench.write_json(args.json, command=" ".join(["python -m fused_moe"] + sys.argv[1:]),
+                         build=info_fields(),
+                         ceilings=None if ceilings is None else vars(ceilings), results=results)
     if args.plot:
         _plot(results, args.plot)
 
@@ -146,19 +151,7 @@ def _shapes(args, cuda: bool) -> dict:
     if args.model or cuda:
         name = args.model or "qwen3-30b-a3b"
         return {name: bench.MODELS[name]}
-    return {"cpu-small": bench.CPU_SHAPE}
-
-
-def _write_json(path: str, results: list[dict], ceilings) -> None:
-    record = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(["python -m fused_moe"] + sys.argv[1:]),
-        "build": info_fields(),
-        "ceilings": None if ceilings is None else vars(ceilings),
-        "results": results,
-    }
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    return dict(bench.CPU_SHAPES)
 
 
 def _require_matplotlib() -> None:
@@ -174,9 +167,9 @@ def _plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (shape, impl) in dict.fromkeys((r["shape"], r["impl"]) for r in results):
-        points = [(r["M"], r["us"]) for r in results if (r["shape"], r["impl"]) == (shape, impl)]
-        ax.plot(*zip(*points), marker="o", label=f"{shape} {impl}")
+    for line in dict.fromkeys((r["shape"], r["dtype"], r["impl"]) for r in results):
+        points = [(r["M"], r["us"]) for r in results if (r["shape"], r["dtype"], r["impl"]) == line]
+        ax.plot(*zip(*points), marker="o", label=" ".join(line))
     ax.set(xscale="log", yscale="log", xlabel="tokens (M)", ylabel="time (us)",
            title="MoE experts forward")
     ax.grid(True, which="both", alpha=0.3)

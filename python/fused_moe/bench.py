@@ -8,24 +8,34 @@ times counts. With rounds > 1 the implementations take turns, a median each
 a round, and each keeps its best: the card's clock drifts by several percent
 over seconds, and alternating keeps that drift from favouring one of them.
 The floor is max(FLOPs / matmul rate, bytes / copy bandwidth) with both
-ceilings measured in the same run. Without a GPU, CPU mode times
-plain wall-clock medians (no graphs, no floor).
+ceilings measured in the same run. Without a GPU, CPU mode times plain
+wall-clock medians (no graphs, no floor) of the same three implementations:
+on the CPU, torch._grouped_mm is what transformers' ``grouped_mm`` experts
+run (through torch.nn.functional.grouped_mm).
+
+Also the one table of model shapes (MODELS, LAYER_OPTIONS) and the one
+writer of benchmark records (write_json) that the benchmarks/ scripts use.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .experts import fused_experts
 
-# (E, K, H, I) of the PERF.md shapes.
+# (E, K, H, I) of the PERF.md shapes: the one table, which benchmarks and tests import.
 MODELS = {
     "mixtral-8x7b": (8, 2, 4096, 14336),
     "qwen3-30b-a3b": (128, 8, 2048, 768),
@@ -33,19 +43,33 @@ MODELS = {
     "deepseek-v3": (256, 8, 7168, 2048),
     "gpt-oss-120b": (128, 4, 2880, 2880),
 }
+# Each model's routing and activation as FusedMoE arguments; the models not
+# listed route by softmax top-k, renormalized, into silu experts.
+LAYER_OPTIONS = {
+    "deepseek-v3": dict(scoring_func="sigmoid", use_grouped_topk=True, num_expert_group=8,
+                        topk_group=4, routed_scaling_factor=2.5),
+    "gpt-oss-120b": dict(activation="swigluoai", has_bias=True),
+}
+# Models whose routing also adds an e_score_correction_bias [E] (a tensor: each
+# benchmark draws one).
+BIASED_ROUTING = ("deepseek-v3",)
 TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 IMPLS = ("fused_moe", "grouped_mm", "loop")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-CPU_SHAPE = (8, 2, 256, 512)
-CPU_TOKENS = (1, 32, 256)
-CPU_IMPLS = ("fused_moe", "loop")
+CPU_SHAPES = {"cpu-small": (8, 2, 256, 512), "qwen3-30b-a3b": MODELS["qwen3-30b-a3b"]}
+CPU_TOKENS = (1, 32, 512)
+CPU_DTYPES = ("fp32", "bf16")
 
 REPLAYS = 50
-CPU_REPS = 20
+# CPU medians: up to CPU_REPS calls, fewer (but CPU_MIN_REPS) once CPU_BUDGET_S
+# seconds are spent, so that a slow point does not hold up the run.
+CPU_REPS, CPU_MIN_REPS, CPU_BUDGET_S = 20, 3, 1.0
 FLUSH_BYTES = 64 << 20
-# Relative Frobenius distance allowed between two bf16 implementations: each
-# rounds its intermediates to bf16 in its own order.
-CHECK_RTOL = 2e-2
+# Relative Frobenius distance allowed between two implementations: in bf16
+# each rounds its intermediates in its own order; in fp32 only the summation
+# order differs.
+CHECK_RTOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 LOOP_NOTE = ("loop: per-expert loop timed without a CUDA graph (it reads the "
              "per-expert token counts on the host), so its launch gaps count")
 
@@ -61,7 +85,7 @@ def measure_ceilings(device: torch.device | str = "cuda") -> Ceilings:
     copy = copy_gbps(device)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    mm_us = _median_event_us(lambda: a @ b, reps=20)
+    mm_us = _median_event_us(lambda: a @ b, reps=20, warmup=3)
     return Ceilings(copy_gbps=copy, matmul_tflops=2 * 8192**3 / mm_us / 1e6)
 
 
@@ -69,20 +93,7 @@ def copy_gbps(device: torch.device | str = "cuda") -> float:
     """A 1 GiB device-to-device copy: bytes read + written per second / 1e9."""
     src = torch.ones(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / _median_event_us(lambda: dst.copy_(src), reps=20) / 1e3
-
-
-def _median_event_us(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in events)
+    return 2 * src.numel() / _median_event_us(lambda: dst.copy_(src), reps=20, warmup=3) / 1e3
 
 
 # --- inputs and the two torch implementations --------------------------------------
@@ -170,7 +181,7 @@ def time_graph(fn, flush: torch.Tensor, replays: int):
     """(median us of replays of fn captured in a CUDA graph, L2 flushed before
     each; a copy of fn's output when it returns one tensor)."""
     graph, out = _capture(fn)
-    return _median_flushed_us(graph.replay, flush, replays), (
+    return _median_event_us(graph.replay, replays, flush), (
         out.clone() if isinstance(out, torch.Tensor) else None)
 
 
@@ -188,11 +199,16 @@ def _capture(fn):
     return graph, out
 
 
-def _median_flushed_us(fn, flush: torch.Tensor, reps: int) -> float:
+def _median_event_us(fn, reps: int, flush: torch.Tensor | None = None, warmup: int = 0) -> float:
+    """Median CUDA-event time of ``reps`` calls of fn, in us; with ``flush``,
+    that buffer is zeroed before each call so fn reads from HBM, not L2."""
+    for _ in range(warmup):
+        fn()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
     for start, end in events:
-        flush.zero_()  # evicts the weights from L2; before the start event, so not timed
+        if flush is not None:
+            flush.zero_()  # evicts the weights from L2; before the start event, so not timed
         start.record()
         fn()
         end.record()
@@ -201,8 +217,9 @@ def _median_flushed_us(fn, flush: torch.Tensor, reps: int) -> float:
 
 
 def _median_cpu_us(fn, reps: int) -> float:
+    """Median wall-clock time of up to ``reps`` calls of fn, in us (see CPU_BUDGET_S)."""
     times = []
-    for _ in range(reps):
+    while len(times) < reps and (len(times) < CPU_MIN_REPS or sum(times) < CPU_BUDGET_S):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -228,19 +245,21 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | None = None,
-              device="cuda", replays: int = REPLAYS, rounds: int = 1) -> list[dict]:
-    """Times each implementation at one (shape, M), the best of `rounds`
+              device="cuda", replays: int = REPLAYS, rounds: int = 1,
+              dtype: torch.dtype | None = None) -> list[dict]:
+    """Times each implementation at one (shape, M, dtype), the best of `rounds`
     medians taken in turns; returns one dict each.
 
     Every output is checked once against the per-expert loop (the plainest
-    implementation), so grouped_mm is checked against fused_moe through it;
+    implementation), so each peer is checked against fused_moe through it;
     a mismatch is reported (``rel_diff``, ``ok``) and warned about, so one
-    wrong point does not hide the others. On "cpu" the inputs are float32, times are wall-clock
-    medians of CPU_REPS calls and the floor fields are None.
+    wrong point does not hide the others. The dtype defaults to bf16 on the
+    GPU, float32 on "cpu", where times are wall-clock medians (see CPU_REPS)
+    and the floor fields are None.
     """
     E, K, H, I = shape
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     x, w13, w2, weights, ids = make_inputs(E, K, H, I, M, device, dtype)
     args = (x, w13, w2, weights, ids)
     reference = loop_experts(*args)
@@ -250,7 +269,7 @@ def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | Non
         floor = max(work / (ceilings.matmul_tflops * 1e6), moved / (ceilings.copy_gbps * 1e3))
     if device.type == "cuda":
         flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
-        median = lambda step: _median_flushed_us(step, flush, replays)  # noqa: E731
+        median = lambda step: _median_event_us(step, replays, flush)  # noqa: E731
     else:
         median = lambda step: _median_cpu_us(step, CPU_REPS)  # noqa: E731
     prepared = {impl: _prepare(impl, args, device) for impl in impls}
@@ -258,23 +277,46 @@ def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | Non
     for _ in range(rounds):
         for impl, (step, _) in prepared.items():
             best[impl] = min(best[impl], median(step))
+    point = dict(shape=name, E=E, K=K, H=H, I=I, M=M, dtype=_dtype_name(dtype))
     rows = []
     for impl in impls:
         us, out = best[impl], prepared[impl][1]
-        graphed = device.type == "cuda" and _GRAPHED[impl]
-        diff = _rel_diff(out, reference)
-        if not diff <= CHECK_RTOL:
-            print(f"WRONG: {impl} differs from the per-expert loop at {name} M={M}: "
-                  f"relative Frobenius distance {diff:.3g} > {CHECK_RTOL}", file=sys.stderr)
-        rows.append(dict(shape=name, E=E, K=K, H=H, I=I, M=M, impl=impl, us=us,
-                         rel_diff=diff, ok=bool(diff <= CHECK_RTOL),
+        diff = _check(impl, out, reference, f"{name} M={M} {point['dtype']}")
+        rows.append(dict(point, impl=impl, us=us, rel_diff=diff,
+                         ok=bool(diff <= CHECK_RTOL[dtype]),
                          tflops=work / us / 1e6, gbps=moved / us / 1e3, floor_us=floor,
                          pct_of_floor=None if floor is None else 100 * floor / us,
-                         graph=graphed, device=device.type))
+                         graph=device.type == "cuda" and _GRAPHED[impl], device=device.type))
+    _add_speedups(rows)
+    return rows
+
+
+def _check(impl, out, reference, where) -> float:
+    diff = _rel_diff(out, reference)
+    tolerance = CHECK_RTOL[reference.dtype]
+    if not diff <= tolerance:
+        print(f"WRONG: {impl} differs from the per-expert loop at {where}: relative Frobenius "
+              f"distance {diff:.3g} > {tolerance}", file=sys.stderr)
+    return diff
+
+
+def _add_speedups(rows) -> None:
+    """``speedup``: grouped_mm's time over each one's. On fused_moe's row also
+    ``best_peer``, the fastest other implementation, and ``vs_best_peer``, its
+    time over fused_moe's."""
     base = next((r["us"] for r in rows if r["impl"] == "grouped_mm"), None)
+    peers = [r for r in rows if r["impl"] != "fused_moe"]
+    fastest = min(peers, key=lambda r: r["us"], default=None)
     for r in rows:
         r["speedup"] = None if base is None else base / r["us"]
-    return rows
+        mine = r["impl"] == "fused_moe" and fastest is not None
+        r["best_peer"] = fastest["impl"] if mine else None
+        r["vs_best_peer"] = fastest["us"] / r["us"] if mine else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = [name for name, d in DTYPES.items() if d == dtype]
+    return names[0] if names else str(dtype).removeprefix("torch.")
 
 
 def check_device_support(impls) -> None:
@@ -285,19 +327,23 @@ def check_device_support(impls) -> None:
                            "info`); rebuild it with nvcc, or leave fused_moe out of the impls")
 
 
-def run(shapes: dict, tokens, *, impls=None, ceilings: Ceilings | None = None,
+def run(shapes: dict, tokens, *, impls=IMPLS, dtypes=None, ceilings: Ceilings | None = None,
         show_progress: bool = True, rounds: int = 1) -> list[dict]:
-    """Every (shape, M) point: on the GPU if there is one, else CPU mode."""
+    """Every (shape, M, dtype) point, dtypes named as in DTYPES (default bf16
+    on the GPU, CPU_DTYPES on the CPU): on the GPU if there is one, else CPU mode."""
     cuda = torch.cuda.is_available()
-    impls = tuple(impls or (IMPLS if cuda else CPU_IMPLS))
+    impls = tuple(impls or IMPLS)
+    dtypes = dtypes or (("bf16",) if cuda else CPU_DTYPES)
     if cuda:
         check_device_support(impls)
         ceilings = ceilings or measure_ceilings()
-    points = [(name, shape, M) for name, shape in shapes.items() for M in tokens]
+    points = [(name, shape, dtype, M) for name, shape in shapes.items() for dtype in dtypes
+              for M in tokens]
     results = []
-    for name, shape, M in progress(points, desc="bench", enabled=show_progress):
+    for name, shape, dtype, M in progress(points, desc="bench", enabled=show_progress):
         results += run_point(name, shape, M, impls=impls, ceilings=ceilings,
-                             device="cuda" if cuda else "cpu", rounds=rounds)
+                             device="cuda" if cuda else "cpu", rounds=rounds,
+                             dtype=DTYPES[dtype])
         if cuda:
             torch.cuda.empty_cache()  # each point's weights and graph pools go before the next
     return results
@@ -309,7 +355,7 @@ def progress(items: list, desc: str, enabled: bool = True):
         yield from items
         return
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # an optional dependency
     except ImportError:
         for i, item in enumerate(items):
             print(f"\r{desc}: {i}/{len(items)}", end="", file=sys.stderr, flush=True)
@@ -323,17 +369,17 @@ def progress(items: list, desc: str, enabled: bool = True):
 
 
 def format_table(results: list[dict]) -> str:
-    """A fixed-width table, one row per (shape, M, impl)."""
-    head = ("shape", "E", "K", "H", "I", "M", "impl", "us", "TFLOP/s", "GB/s", "floor us",
-            "% floor", "vs grouped_mm")
+    """A fixed-width table, one row per (shape, M, dtype, impl)."""
+    head = ("shape", "E", "K", "H", "I", "M", "dtype", "impl", "us", "TFLOP/s", "GB/s",
+            "floor us", "% floor", "vs grouped_mm")
     rows = [head] + [(
-        r["shape"], str(r["E"]), str(r["K"]), str(r["H"]), str(r["I"]), str(r["M"]),
+        r["shape"], str(r["E"]), str(r["K"]), str(r["H"]), str(r["I"]), str(r["M"]), r["dtype"],
         r["impl"] + ("" if r["graph"] or r["device"] != "cuda" else " *"),
         f"{r['us']:.1f}", f"{r['tflops']:.1f}", f"{r['gbps']:.0f}", _fmt(r["floor_us"], ".1f"),
         _fmt(r["pct_of_floor"], ".0f"), _fmt(r["speedup"], ".2f", "x"),
     ) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) if i >= 7 else cell.ljust(w) for i, (cell, w) in
+    lines = ["  ".join(cell.rjust(w) if i >= 8 else cell.ljust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     if any(r["device"] == "cuda" and not r["graph"] for r in results):
@@ -341,5 +387,78 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(results: list[dict]) -> str:
+    """One line per point: every implementation's time and fused_moe's
+    speedup over the fastest of the others."""
+    lines = []
+    for r in results:
+        if r["best_peer"] is None:
+            continue
+        point = [p for p in results if _same_point(p, r)]
+        times = ", ".join(f"{p['impl']} {p['us']:.1f} us" for p in point)
+        lines.append(f"{r['shape']} M={r['M']} {r['dtype']}: {times}; fused_moe "
+                     f"{r['vs_best_peer']:.2f}x over the best peer ({r['best_peer']})")
+    return "\n".join(lines)
+
+
+def _same_point(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in ("shape", "E", "K", "H", "I", "M", "dtype"))
+
+
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
+
+
+# --- records --------------------------------------------------------------------------
+
+
+def write_json(path: str | Path, *, device: torch.device | str | None = None, **fields) -> None:
+    """Writes one benchmark record: what the run depends on besides its code
+    (date, card, torch and CUDA versions, CPU threads, commit, command line),
+    then ``fields`` (the results, and whatever the benchmark adds; a field of
+    the same name, e.g. ``command``, replaces the default)."""
+    with open(path, "w") as f:
+        json.dump({**environment(device), **fields}, f, indent=1)
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    """The fields every record starts with; ``device`` names the card (default
+    the current GPU, else the CPU)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return dict(date=datetime.date.today().isoformat(), card=card_name(device),
+                torch=torch.__version__, cuda=torch.version.cuda,
+                cpu_threads=torch.get_num_threads(), commit=source_commit(),
+                command=" ".join(sys.argv))
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({_cpu_model()})"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def source_commit() -> str | None:
+    """The commit of the source tree this package runs from, "-dirty" with
+    uncommitted changes; None when it is installed rather than a checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        git("ls-files", "--error-unmatch", Path(__file__).name)  # tracked: a checkout
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -1,6 +1,9 @@
 """FusedMoE: the Mixture-of-Experts layer as a torch.nn.Module: routing, the
-fused expert computation, tensor and expert parallelism, EPLB replicas and
-checkpoint loading."""
+fused expert computation, tensor and expert parallelism, EPLB replicas, and
+loading its own tensors (vLLM's ``weight_loader`` and
+``make_expert_params_mapping``, on the class as vLLM has them; the sharding
+rules are in fused_moe.shards). Loading a whole model is fused_moe.weights,
+which builds on this module."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import weights as _weights
+from . import shards
 from .experts import ACTIVATIONS, fused_experts
 from .parallel import (
     all_reduce,
@@ -148,8 +151,8 @@ class FusedMoE(torch.nn.Module):
         self.local_slot_of = {p: slot for slot, p in enumerate(local.tolist())}
         physical_to_logical = initial_physical_to_logical(self.num_experts, num_redundant_experts)
         self.local_logical_experts = physical_to_logical[local]
-        self.checkpoint_names = _weights.expert_checkpoint_names(self.num_experts,
-                                                                 num_redundant_experts)
+        self.checkpoint_names = shards.expert_checkpoint_names(self.num_experts,
+                                                               num_redundant_experts)
         self.enable_eplb = enable_eplb
         table = counts = load = None
         if enable_eplb:
@@ -235,24 +238,47 @@ class FusedMoE(torch.nn.Module):
         then (True when loaded) if ``return_success``, else None.
         """
         with torch.no_grad():
-            ok = _weights.load_expert_weight(self, param, loaded_weight, weight_name, shard_id,
-                                             expert_id)
+            ok = shards.load_expert_weight(self, param, loaded_weight, weight_name, shard_id,
+                                           expert_id)
         return ok if return_success else None
 
     @classmethod
-    def make_expert_params_mapping(cls, ckpt_gate_proj_name: str, ckpt_down_proj_name: str,
-                                   ckpt_up_proj_name: str, num_experts: int,
-                                   num_redundant_experts: int = 0
-                                   ) -> list[tuple[str, str, int, str]]:
-        """``[(param_name, weight_name, expert_id, shard_id)]``, as vLLM's."""
-        return _weights.make_expert_params_mapping(ckpt_gate_proj_name, ckpt_down_proj_name,
-                                                   ckpt_up_proj_name, num_experts,
-                                                   num_redundant_experts)
+    def make_expert_params_mapping(cls, *args, **kwargs) -> list[tuple[str, str, int, str]]:
+        """``[(param_name, weight_name, expert_id, shard_id)]``, as vLLM's (see
+        fused_moe.shards.make_expert_params_mapping).
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads the tensors named ``{prefix}.<expert tensor>`` (see
-        fused_moe.weights); returns the parameter names loaded."""
-        return _weights.load_layer_weights(self, weights, self.prefix)
+        Takes vLLM's arguments, ``(model, ckpt_gate_proj_name, ckpt_down_proj_name,
+        ckpt_up_proj_name, num_experts, num_redundant_experts=0)``, or the same
+        without ``model``, as older vLLM had them. ``model`` (any object, or None)
+        is not used: vLLM reads EPLB details from it, which here come from
+        ``num_redundant_experts``. A str first argument means the form without it.
+        """
+        if args and not isinstance(args[0], str):
+            args = args[1:]
+        kwargs.pop("model", None)
+        return shards.make_expert_params_mapping(*args, **kwargs)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     prefix: str | None = None) -> set[str]:
+        """Loads the tensors named ``{prefix}.<expert tensor>`` (names and
+        layouts in fused_moe.shards; ``prefix`` defaults to the layer's own) and
+        skips the others. Returns the loaded parameter names,
+        ``{prefix}.w13_weight`` etc."""
+        prefix = self.prefix if prefix is None else prefix
+        head = f"{prefix}." if prefix else ""
+        loaded = set()
+        for name, tensor in weights:
+            if not name.startswith(head):
+                continue
+            for param_name, shard_id, expert_id in shards.targets(self, name[len(head):], name):
+                param = getattr(self, param_name)
+                if param is None:
+                    raise ValueError(f"{name}: the layer has no {param_name}: expected "
+                                     "has_bias=True for a checkpoint with expert biases")
+                if self.weight_loader(param, tensor, name, shard_id, expert_id,
+                                      return_success=True):
+                    loaded.add(head + param_name)
+        return loaded
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, "
