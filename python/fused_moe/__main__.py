@@ -13,7 +13,6 @@ import fused_moe
 
 from . import _C, bench
 
-OPS = ("topk", "permute", "grouped_gemm", "activation", "unpermute", "fused_experts")
 CUTLASS_BUILD_VERSION = "4.2.0.0"  # pyproject.toml's build requirement
 
 
@@ -41,7 +40,7 @@ def info_fields() -> dict:
         "CUDA runtime": torch.version.cuda or "none (torch built without CUDA)",
         "CUTLASS": cutlass_version(),
         "build": build_info(),
-        "CUDA kernels": ", ".join(f"{op} {'yes' if has_cuda_kernel(op) else 'no'}" for op in OPS),
+        "CUDA kernels": cuda_kernels(build_info()),
         "GPU": gpu_description(),
     }
 
@@ -54,14 +53,19 @@ def cutlass_version() -> str:
 
 
 def build_info() -> str:
-    """What _C was compiled with, e.g. "cuda=1 archs=80-real 90a-real"."""
+    """What _C was compiled with, e.g.
+    "cuda=1 archs=80-real 90a-real sm90_configs=swap_64x16x128,coop_128x256x64"."""
     library = ctypes.CDLL(_C.__file__)
     library.fused_moe_build_info.restype = ctypes.c_char_p
     return library.fused_moe_build_info().decode()
 
 
-def has_cuda_kernel(op: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_moe::{op}", "CUDA")
+def cuda_kernels(build: str) -> str:
+    """Every op has CUDA kernels in a CUDA build; which sm90 GEMMs were built."""
+    fields = dict(f.split("=", 1) for f in build.split(" ") if "=" in f)
+    if fields.get("cuda") != "1":
+        return "none (built without nvcc or with FUSED_MOE_CUDA=0)"
+    return f"every op; sm90 grouped GEMMs: {fields.get('sm90_configs') or 'none (no 9.0a arch)'}"
 
 
 def gpu_description() -> str:

@@ -68,9 +68,10 @@ def experts_forward(
     _check_supported(module)
     activation = _activation(module)
     w13, w2, b13, b2 = _weights(module)
+    ids = top_k_index if top_k_index.dtype in (torch.int32, torch.int64) else top_k_index.long()
     out = fused_experts(
         hidden_states.contiguous(), w13, w2,
-        top_k_weights.to(torch.float32).contiguous(), top_k_index.to(torch.int32).contiguous(),
+        top_k_weights.to(torch.float32).contiguous(), ids.contiguous(),  # int64 read in place
         activation=activation, is_act_and_mul=module.has_gate, w13_bias=b13, w2_bias=b2)
     return out.to(hidden_states.dtype)
 
