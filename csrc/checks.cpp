@@ -39,12 +39,6 @@ void Arg::shape_is(std::initializer_list<int64_t> sizes) const {
   fail(op, ": ", name, " must have shape ", want.str(), ", got ", shape_str(t));
 }
 
-void Arg::contiguous() const {
-  FUSED_MOE_CHECK(t.is_contiguous(), op, ": ", name,
-                  " must be contiguous (call .contiguous()), got strides of a tensor of shape ",
-                  shape_str(t));
-}
-
 void Arg::same_device(const Tensor& ref, const char* ref_name) const {
   const bool same = t.is_cuda() == ref.is_cuda() &&
                     (!t.is_cuda() || t.get_device_index() == ref.get_device_index());
@@ -77,7 +71,6 @@ void Arg::expect(std::initializer_list<ScalarType> dtypes, std::initializer_list
                  const Tensor* ref, const char* ref_name) const {
   dtype_in(dtypes);
   shape_is(sizes);
-  contiguous();
   if (ref) same_device(*ref, ref_name);
 }
 

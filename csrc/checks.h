@@ -40,9 +40,8 @@ struct Arg {
   void dtype_is(ScalarType expected) const { dtype_in({expected}); }
   // sizes[i] < 0 accepts any size in that dimension.
   void shape_is(std::initializer_list<int64_t> sizes) const;
-  void contiguous() const;
-  // All of the above: a dtype of `dtypes`, shape `sizes`, contiguous, and on
-  // the device of `ref` when one is given.
+  // Both of the above, and on the device of `ref` when one is given. Strides
+  // are never an error: ops.cpp reads views in place or copies them.
   void expect(std::initializer_list<ScalarType> dtypes, std::initializer_list<int64_t> sizes,
               const Tensor* ref = nullptr, const char* ref_name = nullptr) const;
   void same_device(const Tensor& ref, const char* ref_name) const;

@@ -2,8 +2,10 @@
 //
 // ops.cpp checks the tensors, allocates the outputs and fills one of these
 // structs; cpu/cpu_kernels.h and cuda/launch.h declare the functions that
-// take them. Every tensor is contiguous and row-major; shapes are in the
-// comments.
+// take them. Shapes are in the comments. Tensors are row-major; the ones with
+// a stride field below may be row-strided views (strides in elements, 16-byte
+// multiples where not dense), all others are dense. The CPU kernels are given
+// dense tensors only (ops.cpp copies views for them), strides set to match.
 #pragma once
 
 #include <cstddef>
@@ -63,6 +65,7 @@ struct TopkParams {
 
 struct PermuteParams {
   const void* x = nullptr;             // [M, H] tokens
+  int64_t x_stride = 0;                // between rows of x
   ScalarType dtype = ScalarType::Float;
   ExpertIds topk_ids;                  // [M, K] global expert ids
   const int32_t* expert_map = nullptr; // [E_global] global -> local id or -1; null: identity
@@ -81,7 +84,10 @@ struct PermuteParams {
 struct GroupedGemmParams {
   const void* a = nullptr;               // [R, K] rows sorted by expert
   ScalarType dtype = ScalarType::Float;  // of a, w, bias and out
+  int64_t a_stride = 0;                  // between rows of a
   const void* w = nullptr;               // [E, N, K]
+  int64_t w_expert_stride = 0;           // between experts of w
+  int64_t w_row_stride = 0;              // between rows (N) of an expert
   const void* bias = nullptr;            // [E, N] or null
   const int32_t* expert_offsets = nullptr;  // [E + 1], off[0] = 0, off[E] <= R
   void* out = nullptr;                   // [R, N]: out[r] = w[e] a[r] + bias[e]; rows >= off[E] are 0
@@ -118,9 +124,12 @@ struct UnpermuteParams {
 // CPU and larger batches compose permute, grouped_gemm, activation, unpermute.
 struct DecodeParams {
   const void* x = nullptr;             // [M, H]
+  int64_t x_stride = 0;                // between rows of x
   ScalarType dtype = ScalarType::Float;  // of x, the weights, the biases, act and out
   const void* w13 = nullptr;           // [E_local, 2I, H] gated, else [E_local, I, H]
   const void* w2 = nullptr;            // [E_local, H, I]
+  int64_t w13_expert_stride = 0, w13_row_stride = 0;  // as GroupedGemmParams' w
+  int64_t w2_expert_stride = 0, w2_row_stride = 0;
   const void* w13_bias = nullptr;      // [E_local, 2I or I] or null
   const void* w2_bias = nullptr;       // [E_local, H] or null
   const float* topk_weights = nullptr; // [M, K]

@@ -37,6 +37,21 @@ ExpertIds expert_ids(const Tensor& t) {
   return {t.data_ptr(), t.scalar_type() == ScalarType::Long};
 }
 
+// Every op takes tensors of any strides. The CUDA kernels read row-strided
+// matrices in place (weights [E, N, K], tokens [M, H]): innermost stride 1,
+// every other stride a whole number of 16-byte vectors (what TMA and the
+// vector loads need). Anything else, every other input, and every input of a
+// CPU kernel is copied once into a dense tensor here.
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+Tensor rows_in_place(const Tensor& t) {
+  if (t.dim() < 2 || !t.is_cuda() || t.stride(t.dim() - 1) != 1) return dense(t);
+  const int64_t bytes = static_cast<int64_t>(t.element_size());
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if ((t.stride(d) * bytes) % 16 != 0) return dense(t);
+  return t;
+}
+
 // Scratch memory from PyTorch's caching allocator, so CUDA graphs capture it.
 Tensor workspace(const Tensor& like, size_t bytes) {
   return alloc(like, {static_cast<int64_t>(bytes)}, ScalarType::Byte);
@@ -72,12 +87,13 @@ Activation parse_activation(const char* op, const std::string& s, bool gated) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> topk(const Tensor& gating_output, int64_t topk, bool renormalize,
+std::tuple<Tensor, Tensor> topk(Tensor gating_output, int64_t topk, bool renormalize,
                                 std::string scoring_func, OptTensor bias,
                                 int64_t num_expert_group, int64_t topk_group,
                                 double routed_scaling_factor) {
   const char* op = "fused_moe.topk";
-  const Tensor& t = gating_output;
+  const Tensor t = dense(gating_output);
+  if (bias) bias = dense(*bias);
   Arg{op, "gating_output", t}.expect({ScalarType::Float, ScalarType::BFloat16, ScalarType::Half,
                                       ScalarType::Double}, {-1, -1});
   const int64_t m = t.size(0), e = t.size(1);
@@ -128,11 +144,14 @@ std::tuple<Tensor, Tensor> topk(const Tensor& gating_output, int64_t topk, bool 
   return {weights, ids};
 }
 
-std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Tensor& topk_ids,
+std::tuple<Tensor, Tensor, Tensor> permute(Tensor hidden_states, Tensor topk_ids,
                                            int64_t num_local_experts, OptTensor expert_map,
                                            OptTensor row_weights) {
   const char* op = "fused_moe.permute";
-  const Tensor& t = hidden_states;
+  const Tensor t = rows_in_place(hidden_states);
+  topk_ids = dense(topk_ids);
+  if (expert_map) expert_map = dense(*expert_map);
+  if (row_weights) row_weights = dense(*row_weights);
   Arg{op, "hidden_states", t}.expect(kFloats, {-1, -1});
   const int64_t m = t.size(0), h = t.size(1);
   Arg{op, "topk_ids", topk_ids}.expect(kIds, {m, -1}, &t, "hidden_states");
@@ -156,6 +175,7 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
   Tensor inv = alloc(t, {m, k}, ScalarType::Int);
   PermuteParams p;
   p.x = t.data_ptr();
+  p.x_stride = t.stride(0);
   p.dtype = t.scalar_type();
   p.topk_ids = expert_ids(topk_ids);
   p.expert_map = ptr<const int32_t>(expert_map);
@@ -178,9 +198,12 @@ std::tuple<Tensor, Tensor, Tensor> permute(const Tensor& hidden_states, const Te
   return {out, offsets, inv};
 }
 
-Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offsets,
-                    OptTensor bias) {
+Tensor grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, OptTensor bias) {
   const char* op = "fused_moe.grouped_gemm";
+  a = rows_in_place(a);
+  w = rows_in_place(w);
+  expert_offsets = dense(expert_offsets);
+  if (bias) bias = dense(*bias);
   Arg{op, "a", a}.expect(kFloats, {-1, -1});
   const int64_t rows = a.size(0), k = a.size(1);
   Arg{op, "w", w}.expect({a.scalar_type()}, {-1, -1, k}, &a, "a");
@@ -193,8 +216,11 @@ Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offse
   Tensor out = alloc(a, {rows, n});
   GroupedGemmParams p;
   p.a = a.data_ptr();
+  p.a_stride = a.stride(0);
   p.dtype = a.scalar_type();
   p.w = w.data_ptr();
+  p.w_expert_stride = w.stride(0);
+  p.w_row_stride = w.stride(1);
   p.bias = bias ? bias->data_ptr() : nullptr;
   p.expert_offsets = ptr<const int32_t>(expert_offsets);
   p.out = out.data_ptr();
@@ -213,8 +239,9 @@ Tensor grouped_gemm(const Tensor& a, const Tensor& w, const Tensor& expert_offse
   return out;
 }
 
-Tensor activation(const Tensor& x, std::string activation, bool is_act_and_mul) {
+Tensor activation(Tensor x, std::string activation, bool is_act_and_mul) {
   const char* op = "fused_moe.activation";
+  x = dense(x);
   Arg{op, "x", x}.expect(kFloats, {-1, -1});
   const int64_t rows = x.size(0), cols = x.size(1);
   FUSED_MOE_CHECK(!is_act_and_mul || cols % 2 == 0, op,
@@ -239,8 +266,11 @@ Tensor activation(const Tensor& x, std::string activation, bool is_act_and_mul) 
   return out;
 }
 
-Tensor unpermute(const Tensor& y, const Tensor& inv_index, OptTensor topk_weights) {
+Tensor unpermute(Tensor y, Tensor inv_index, OptTensor topk_weights) {
   const char* op = "fused_moe.unpermute";
+  y = dense(y);
+  inv_index = dense(inv_index);
+  if (topk_weights) topk_weights = dense(*topk_weights);
   Arg{op, "y", y}.expect(kFloats, {-1, -1});
   Arg{op, "inv_index", inv_index}.expect({ScalarType::Int}, {-1, -1}, &y, "y");
   const int64_t m = inv_index.size(0), k = inv_index.size(1), h = y.size(1);
@@ -269,12 +299,18 @@ Tensor unpermute(const Tensor& y, const Tensor& inv_index, OptTensor topk_weight
   return out;
 }
 
-Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tensor& w2,
-                     const Tensor& topk_weights, const Tensor& topk_ids, std::string activation_name,
-                     bool is_act_and_mul, OptTensor w13_bias, OptTensor w2_bias,
-                     OptTensor expert_map, int64_t global_num_experts,
-                     bool apply_router_weight_on_input) {
+Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights,
+                     Tensor topk_ids, std::string activation_name, bool is_act_and_mul,
+                     OptTensor w13_bias, OptTensor w2_bias, OptTensor expert_map,
+                     int64_t global_num_experts, bool apply_router_weight_on_input) {
   const char* op = "fused_moe.fused_experts";
+  hidden_states = rows_in_place(hidden_states);
+  w13 = rows_in_place(w13);
+  w2 = rows_in_place(w2);
+  topk_weights = dense(topk_weights);
+  topk_ids = dense(topk_ids);
+  for (OptTensor* t : {&w13_bias, &w2_bias, &expert_map})
+    if (*t) *t = dense(**t);
   Arg{op, "hidden_states", hidden_states}.expect(kFloats, {-1, -1});
   const int64_t m = hidden_states.size(0), h = hidden_states.size(1);
   const ScalarType dtype = hidden_states.scalar_type();
@@ -311,9 +347,14 @@ Tensor fused_experts(const Tensor& hidden_states, const Tensor& w13, const Tenso
   if (hidden_states.is_cuda() && m > 0) {
     DecodeParams p;
     p.x = hidden_states.data_ptr();
+    p.x_stride = hidden_states.stride(0);
     p.dtype = dtype;
     p.w13 = w13.data_ptr();
+    p.w13_expert_stride = w13.stride(0);
+    p.w13_row_stride = w13.stride(1);
     p.w2 = w2.data_ptr();
+    p.w2_expert_stride = w2.stride(0);
+    p.w2_row_stride = w2.stride(1);
     p.w13_bias = ptr<const void>(w13_bias);
     p.w2_bias = ptr<const void>(w2_bias);
     p.topk_weights = ptr<const float>(topk_weights);

@@ -219,19 +219,19 @@ __global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int job
     else return r * I + col;
   };
   const int64_t n13 = Gated ? 2 * I : I;
-  const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * n13 * H;
+  const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * p.w13_expert_stride;
   const void* bias = p.w13_bias;
   const int64_t b = int64_t(e) * n13;
   T* out = static_cast<T*>(p.act) + slot * I;
   stream_dots<T>(
       jobs, static_cast<int>(H / P), lane,
       [&](int j, const T** row) {
-        for (int r = 0; r < kRows; ++r) row[r] = w13 + row_of(j, r) * H;
+        for (int r = 0; r < kRows; ++r) row[r] = w13 + row_of(j, r) * p.w13_row_stride;
       },
       [&] {
         const float scale = p.weight_on_input ? p.topk_weights[slot] : 1.0f;
         copy_packs(
-            static_cast<const T*>(p.x) + slot / p.topk * H, static_cast<int>(H / P),
+            static_cast<const T*>(p.x) + slot / p.topk * p.x_stride, static_cast<int>(H / P),
             [](int) { return true; },
             [&](int i, const Pack<T, P>& v) {
 #pragma unroll
@@ -286,7 +286,8 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
   };
   const T* w2 = static_cast<const T*>(p.w2);
   auto row_of = [&](int j, int k) {
-    return w2 + (int64_t(__shfl_sync(kFullMask, e, k)) * H + first + j / pairs) * I;
+    return w2 + int64_t(__shfl_sync(kFullMask, e, k)) * p.w2_expert_stride +
+           (first + j / pairs) * p.w2_row_stride;
   };
   float sum = 0.0f;
   auto add = [&](int64_t col, int k, float dot) {  // separate multiply and add, as unpermute
@@ -372,10 +373,13 @@ int64_t element_bytes(ScalarType dtype) {
   }
 }
 
-// Whether the kernels can take these shapes at all: 16-byte rows, K <= 32,
-// the staged vectors within shared memory.
+// Whether the kernels can take these shapes at all: 16-byte rows and strides,
+// K <= 32, the staged vectors within shared memory.
 bool decode_fits(const DecodeParams& p) {
   const int64_t bytes = element_bytes(p.dtype);
+  for (int64_t stride : {p.x_stride, p.w13_expert_stride, p.w13_row_stride, p.w2_expert_stride,
+                         p.w2_row_stride})
+    if (bytes == 0 || (stride * bytes) % 16 != 0) return false;
   const size_t max_smem = device_info().max_smem_optin;
   return bytes > 0 && p.num_tokens > 0 && p.topk > 0 && p.topk <= 32 &&
          p.num_tokens * p.topk <= 65535 &&  // grid.y of up_kernel

@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kCopyWarps * 32, 4)
   const int64_t H = p.hidden, packs = H / P, col = slice * 32 * kCopyUnroll<Weighted>;
 
   // The slice is read once, first: its loads overlap the index lookups below.
-  const T* src = static_cast<const T*>(p.x) + token * H;
+  const T* src = static_cast<const T*>(p.x) + token * p.x_stride;
   Pack<T, P> v[kCopyUnroll<Weighted>] = {};
 #pragma unroll
   for (int u = 0; u < kCopyUnroll<Weighted>; ++u) {
@@ -415,7 +415,8 @@ void permute(const PermuteParams& p, void* workspace, cudaStream_t stream) {
 
   dispatch_float(p.dtype, "permute (CUDA)", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (rows_vectorizable<T>(p.hidden, p.x, p.out)) {
+    if (rows_vectorizable<T>(p.hidden, p.x, p.out) &&
+        (p.x_stride * int64_t(sizeof(T))) % 16 == 0) {
       launch_scatter<T, kVec<T>>(p, l, ranks, counts, stream);
     } else {
       launch_scatter<T, 1>(p, l, ranks, counts, stream);

@@ -36,11 +36,13 @@ bool is_fallback(const char* name) { return std::strcmp(name, "fallback") == 0; 
 // sm_90a code runs on compute capability 9.0 only.
 bool is_sm90(const DeviceInfo& d) { return d.major == 9 && d.minor == 0; }
 
-// What the sm90 kernels need: TMA wants 16-byte aligned bases and rows.
+// What the sm90 kernels need: TMA wants 16-byte aligned bases and rows (8
+// elements of 2 bytes: the strides too, so every expert's base is aligned).
 bool sm90_applies(const GroupedGemmParams& p, const DeviceInfo& d) {
   return is_sm90(d) && (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) && p.num_experts > 0 &&
          p.k > 0 && p.n % 8 == 0 && p.k % 8 == 0 && p.n <= INT32_MAX && p.k <= INT32_MAX && aligned16(p.a) &&
-         aligned16(p.w) && aligned16(p.out) && (p.bias == nullptr || aligned16(p.bias));
+         aligned16(p.w) && aligned16(p.out) && (p.bias == nullptr || aligned16(p.bias)) &&
+         p.a_stride % 8 == 0 && p.w_expert_stride % 8 == 0 && p.w_row_stride % 8 == 0;
 }
 
 // From the average rows per expert, tuned on an H200 with

@@ -108,19 +108,21 @@ __device__ Tile find_tile(const int32_t* off, int num_experts, int64_t rows, int
   return found;
 }
 
-// smem[r][c] = src[r][k0 + c] for r < kRows, c < kBK; zero outside rows x k.
+// smem[r][c] = src[r][k0 + c] for r < kRows, c < kBK (src rows `ld` apart);
+// zero outside rows x k.
 template <int kRows, class T>
-__device__ void load_tile(T* smem, const T* src, int rows, int64_t k, int64_t k0, bool vectors) {
+__device__ void load_tile(T* smem, const T* src, int64_t ld, int rows, int64_t k, int64_t k0,
+                          bool vectors) {
   constexpr int kPerRow = kBK / kVec<T>;
   for (int i = threadIdx.x; i < kRows * kPerRow; i += kThreads) {
     const int r = i / kPerRow;
     const int c = i % kPerRow * kVec<T>;
     T* dst = smem + r * kLd<T> + c;
     if (r < rows && vectors && k0 + c + kVec<T> <= k) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src + r * k + k0 + c);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src + r * ld + k0 + c);
     } else {
       for (int j = 0; j < kVec<T>; ++j) {
-        dst[j] = r < rows && k0 + c + j < k ? src[r * k + k0 + c + j] : T(0);
+        dst[j] = r < rows && k0 + c + j < k ? src[r * ld + k0 + c + j] : T(0);
       }
     }
   }
@@ -156,12 +158,12 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmParam
   Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
   clear(acc);
 
-  const T* a = static_cast<const T*>(p.a) + tile.row0 * k;
-  const T* w = static_cast<const T*>(p.w) + (tile.expert * n + n0) * k;
+  const T* a = static_cast<const T*>(p.a) + tile.row0 * p.a_stride;
+  const T* w = static_cast<const T*>(p.w) + tile.expert * p.w_expert_stride + n0 * p.w_row_stride;
   const int w_rows = int(min(int64_t(kBN), n - n0));
   for (int64_t k0 = 0; k0 < k; k0 += kBK) {
-    load_tile<kBM>(smem_a, a, tile.rows, k, k0, vectors);
-    load_tile<kBN>(smem_b, w, w_rows, k, k0, vectors);
+    load_tile<kBM>(smem_a, a, p.a_stride, tile.rows, k, k0, vectors);
+    load_tile<kBN>(smem_b, w, p.w_row_stride, w_rows, k, k0, vectors);
     __syncthreads();
     copy(tCsA, tCrA);
     copy(tCsB, tCrB);
@@ -182,8 +184,10 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmParam
 
 template <class T>
 void launch(const GroupedGemmParams& p, cudaStream_t stream) {
-  // 16-byte loads need K in whole vectors and 16-byte aligned bases.
-  const bool vectors = p.k % kVec<T> == 0 && aligned16(p.a) && aligned16(p.w);
+  // 16-byte loads need K and the strides in whole vectors and 16-byte aligned bases.
+  const bool vectors = p.k % kVec<T> == 0 && aligned16(p.a) && aligned16(p.w) &&
+                       p.a_stride % kVec<T> == 0 && p.w_expert_stride % kVec<T> == 0 &&
+                       p.w_row_stride % kVec<T> == 0;
   // sum_e ceil(rows_e / kBM) + ceil(tail / kBM) <= R / kBM + E + 1 tiles.
   const dim3 grid(static_cast<unsigned>(p.rows / kBM + p.num_experts + 1),
                   static_cast<unsigned>((p.n + kBN - 1) / kBN));

@@ -149,13 +149,21 @@ struct GroupedGemm {
   }
 };
 
+// A packed stride with its leading dimension replaced: rows `ld` elements apart.
+template <class Stride>
+__device__ Stride with_ld(Stride s, int64_t ld) {
+  cute::get<0>(s) = ld;
+  return s;
+}
+
 // Fills the per-group arrays from expert_offsets and zeroes out's rows past
 // off[E]; one thread per expert, then a grid-stride loop of 16-byte stores
 // (N % 8 == 0 and out 16-byte aligned on this path). Offsets are clamped to
 // [0, rows] and made non-decreasing per expert, so bad ones cannot send TMA
 // out of bounds (ops.cpp checks them only on the CPU).
 template <class G, class Element>
-__global__ void build_groups(typename G::Groups g, const Element* a, const Element* w,
+__global__ void build_groups(typename G::Groups g, const Element* a, int64_t a_stride,
+                             const Element* w, int64_t w_expert_stride, int64_t w_row_stride,
                              const Element* bias, Element* out, const int32_t* off,
                              int num_groups, int64_t rows, int n, int k) {
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -163,21 +171,25 @@ __global__ void build_groups(typename G::Groups g, const Element* a, const Eleme
   for (int64_t e = first; e < num_groups; e += step) {
     const int64_t begin = min(max(int64_t(off[e]), int64_t(0)), rows);
     const int m = int(min(max(int64_t(off[e + 1]), begin), rows) - begin);
-    const Element* a_e = a + begin * k;
-    const Element* w_e = w + e * n * k;
+    const Element* a_e = a + begin * a_stride;
+    const Element* w_e = w + e * w_expert_stride;
     if constexpr (G::kSwapAB) {
       g.sizes[e] = cute::make_shape(n, m, k);
       g.a[e] = w_e;
       g.b[e] = a_e;
-      g.stride_a[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {n, k, 1});
-      g.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {m, k, 1});
+      g.stride_a[e] = with_ld(cutlass::make_cute_packed_stride(typename G::StrideA{}, {n, k, 1}),
+                              w_row_stride);
+      g.stride_b[e] = with_ld(cutlass::make_cute_packed_stride(typename G::StrideB{}, {m, k, 1}),
+                              a_stride);
       g.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {n, m, 1});
     } else {
       g.sizes[e] = cute::make_shape(m, n, k);
       g.a[e] = a_e;
       g.b[e] = w_e;
-      g.stride_a[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, k, 1});
-      g.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1});
+      g.stride_a[e] = with_ld(cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, k, 1}),
+                              a_stride);
+      g.stride_b[e] = with_ld(cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1}),
+                              w_row_stride);
       g.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1});
     }
     g.d[e] = out + begin * n;
@@ -209,8 +221,8 @@ void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, 
       std::min<int64_t>((vectors + threads - 1) / threads, sm_count),
       (p.num_experts + threads - 1) / threads);
   build_groups<G, Element><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      groups, static_cast<const Element*>(p.a), static_cast<const Element*>(p.w),
-      static_cast<const Element*>(p.bias), static_cast<Element*>(p.out), p.expert_offsets,
+      groups, static_cast<const Element*>(p.a), p.a_stride, static_cast<const Element*>(p.w),
+      p.w_expert_stride, p.w_row_stride, static_cast<const Element*>(p.bias), static_cast<Element*>(p.out), p.expert_offsets,
       p.num_experts, p.rows, static_cast<int>(p.n), static_cast<int>(p.k));
   check_launch("grouped_gemm (sm90): build_groups");
 
