@@ -22,6 +22,8 @@ def main() -> None:
                         help="comma-separated token counts M")
     parser.add_argument("--rounds", type=int, default=1,
                         help="medians per implementation, taken in turns; the best counts (default 1)")
+    parser.add_argument("--row-pad", type=int, default=0,
+                        help="weights as views with rows this many elements longer (vLLM pads by 128)")
     parser.add_argument("--json", metavar="PATH", help="write the results, card and date as JSON")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(bench.MODELS)
@@ -38,7 +40,8 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    results = bench.run(shapes, ms, impls=impls, ceilings=ceilings, rounds=args.rounds)
+    results = bench.run(shapes, ms, impls=impls, ceilings=ceilings, rounds=args.rounds,
+                        row_pad=args.row_pad)
     print(bench.format_table(results))
     if args.json:
         bench.write_json(args.json, ceilings=vars(ceilings), results=results)

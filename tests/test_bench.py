@@ -83,3 +83,11 @@ def test_write_json_adds_the_environment(tmp_path):
     assert record["card"].startswith("cpu") and record["date"] and record["torch"]
     assert {"cuda", "cpu_threads", "commit"} <= set(record)
     assert record["command"] == "a command" and record["results"] == [{"us": 1.0}]
+
+
+def test_padded_weight_rows_are_views_and_still_checked():
+    x, w13, w2, _, _ = bench.make_inputs(4, 2, 32, 24, 3, "cpu", torch.float32, row_pad=5)
+    assert w13.stride(1) == 32 + 5 and w2.stride(1) == 24 + 5
+    rows = bench.run_point("tiny", (4, 2, 32, 24), 3, impls=("fused_moe", "loop"), device="cpu",
+                           row_pad=5)
+    assert all(r["ok"] and r["row_pad"] == 5 for r in rows)

@@ -99,9 +99,12 @@ def copy_gbps(device: torch.device | str = "cuda") -> float:
 # --- inputs and the two torch implementations --------------------------------------
 
 
-def make_inputs(E: int, K: int, H: int, I: int, M: int, device, dtype=torch.bfloat16, seed: int = 0):
+def make_inputs(E: int, K: int, H: int, I: int, M: int, device, dtype=torch.bfloat16, seed: int = 0,
+                row_pad: int = 0):
     """PERF.md's inputs: x ~ N(0,1), w13 ~ N(0,1)/sqrt(H), w2 ~ N(0,1)/sqrt(I),
-    top-k of softmax(N(0,1) logits), renormalized."""
+    top-k of softmax(N(0,1) logits), renormalized. ``row_pad`` > 0 gives the
+    weights as views whose rows are that many elements longer (vLLM pads by
+    128 for alignment)."""
     gen = torch.Generator(device).manual_seed(seed)
     x = torch.randn(M, H, generator=gen, device=device, dtype=dtype)
     w13 = torch.randn(E, 2 * I, H, generator=gen, device=device, dtype=dtype).div_(math.sqrt(H))
@@ -109,6 +112,8 @@ def make_inputs(E: int, K: int, H: int, I: int, M: int, device, dtype=torch.bflo
     logits = torch.randn(M, E, generator=gen, device=device)
     weights, ids = torch.softmax(logits, dim=-1).topk(K, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
+    if row_pad:
+        w13, w2 = (F.pad(w, (0, row_pad))[..., :-row_pad] for w in (w13, w2))
     return x, w13, w2, weights, ids.to(torch.int32)
 
 
@@ -246,7 +251,7 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | None = None,
               device="cuda", replays: int = REPLAYS, rounds: int = 1,
-              dtype: torch.dtype | None = None) -> list[dict]:
+              dtype: torch.dtype | None = None, row_pad: int = 0) -> list[dict]:
     """Times each implementation at one (shape, M, dtype), the best of `rounds`
     medians taken in turns; returns one dict each.
 
@@ -260,7 +265,7 @@ def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | Non
     E, K, H, I = shape
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    x, w13, w2, weights, ids = make_inputs(E, K, H, I, M, device, dtype)
+    x, w13, w2, weights, ids = make_inputs(E, K, H, I, M, device, dtype, row_pad=row_pad)
     args = (x, w13, w2, weights, ids)
     reference = loop_experts(*args)
     work, moved = flops(K, H, I, M), bytes_moved(ids, w13, w2, x)
@@ -277,7 +282,7 @@ def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | Non
     for _ in range(rounds):
         for impl, (step, _) in prepared.items():
             best[impl] = min(best[impl], median(step))
-    point = dict(shape=name, E=E, K=K, H=H, I=I, M=M, dtype=_dtype_name(dtype))
+    point = dict(shape=name, E=E, K=K, H=H, I=I, M=M, dtype=_dtype_name(dtype), row_pad=row_pad)
     rows = []
     for impl in impls:
         us, out = best[impl], prepared[impl][1]
@@ -328,7 +333,7 @@ def check_device_support(impls) -> None:
 
 
 def run(shapes: dict, tokens, *, impls=IMPLS, dtypes=None, ceilings: Ceilings | None = None,
-        show_progress: bool = True, rounds: int = 1) -> list[dict]:
+        show_progress: bool = True, rounds: int = 1, row_pad: int = 0) -> list[dict]:
     """Every (shape, M, dtype) point, dtypes named as in DTYPES (default bf16
     on the GPU, CPU_DTYPES on the CPU): on the GPU if there is one, else CPU mode."""
     cuda = torch.cuda.is_available()
@@ -343,7 +348,7 @@ def run(shapes: dict, tokens, *, impls=IMPLS, dtypes=None, ceilings: Ceilings | 
     for name, shape, dtype, M in progress(points, desc="bench", enabled=show_progress):
         results += run_point(name, shape, M, impls=impls, ceilings=ceilings,
                              device="cuda" if cuda else "cpu", rounds=rounds,
-                             dtype=DTYPES[dtype])
+                             dtype=DTYPES[dtype], row_pad=row_pad)
         if cuda:
             torch.cuda.empty_cache()  # each point's weights and graph pools go before the next
     return results
