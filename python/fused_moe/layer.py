@@ -188,7 +188,7 @@ class FusedMoE(torch.nn.Module):
     # --- forward ------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.reshape(-1, self.hidden_size).contiguous()
+        x = hidden_states.reshape(-1, self.hidden_size)  # a view where it can be: ops take strides
         logits = router_logits.reshape(-1, router_logits.shape[-1])
         topk_weights, topk_ids = self.route(x, logits)
         out = fused_experts(

@@ -196,7 +196,7 @@ def all_gather_tokens(x: torch.Tensor, group=None) -> torch.Tensor:
     different tokens (data parallel) before an expert-parallel layer. Every
     rank must hold the same M (pad if needed): sizes are not exchanged, so
     nothing waits on the host."""
-    x = x.contiguous()
+    x = x.contiguous()  # the collectives take dense buffers: the one copy that stays
     out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
     _all_gather_single(out, x, group=group)
     return out

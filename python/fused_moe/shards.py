@@ -120,7 +120,11 @@ def load_expert_weight(layer, param: torch.nn.Parameter, loaded_weight: torch.Te
         # Stays zero: the TP ranks' outputs are summed, the bias is added by rank 0 only.
         return whole or _local_slot(layer, expert_id) is not None
     if whole:
-        _copy_shard(layer, param.data, full[layer.local_logical_experts], role, shard_id)
+        # Slot by slot from views of the checkpoint tensor: no gathered copy
+        # of every local expert on the way.
+        for slot, logical in enumerate(layer.local_logical_experts.tolist()):
+            _copy_shard(layer, param.data[slot:slot + 1], full[logical:logical + 1], role,
+                        shard_id)
         return True
     slot = _local_slot(layer, expert_id)
     if slot is None:
@@ -194,8 +198,9 @@ def _copy_shard(layer, dst, full, role, shard_id):
         dst.copy_(_tp_slice(layer, full, 2) if role == "w2_weight" else full)
     elif shard_id == "w13" and layer.is_act_and_mul and not _interleaved(layer):
         # Gate rows then up rows: this rank keeps its slice of each half.
-        gate, up = full.chunk(2, dim=1)
-        dst.copy_(torch.cat([_tp_slice(layer, gate, 1), _tp_slice(layer, up, 1)], dim=1))
+        gate, up = (_tp_slice(layer, half, 1) for half in full.chunk(2, dim=1))
+        dst[:, :gate.shape[1]].copy_(gate)
+        dst[:, gate.shape[1]:].copy_(up)
     elif shard_id == "w13" or not layer.is_act_and_mul:
         # One projection, or (gate, up) row pairs: one contiguous slice, pairs
         # intact since the slice is 2 * I / tp_size rows.

@@ -69,9 +69,8 @@ def experts_forward(
     activation = _activation(module)
     w13, w2, b13, b2 = _weights(module)
     ids = top_k_index if top_k_index.dtype in (torch.int32, torch.int64) else top_k_index.long()
-    out = fused_experts(
-        hidden_states.contiguous(), w13, w2,
-        top_k_weights.to(torch.float32).contiguous(), ids.contiguous(),  # int64 read in place
+    out = fused_experts(  # views and int64 ids are read as they are
+        hidden_states, w13, w2, top_k_weights.to(torch.float32), ids,
         activation=activation, is_act_and_mul=module.has_gate, w13_bias=b13, w2_bias=b2)
     return out.to(hidden_states.dtype)
 
@@ -128,11 +127,13 @@ def _weights(module: torch.nn.Module):
 
 
 def _param(module: torch.nn.Module, name: str) -> torch.Tensor:
-    """A parameter as fused_experts takes it: itself when it is already a
-    contiguous [E, out, in] (or bias) tensor, else a cached transposed copy."""
+    """A parameter as fused_experts takes it: itself (any strides) when it is
+    an [E, out, in] (or bias) tensor, else a cached transposed copy: a view of
+    [E, in, out] would have an innermost stride of `out`, which the kernels
+    would copy on every call."""
     param = getattr(module, name).detach()
     needs_copy = module.is_transposed and param.dim() == 3
-    if not needs_copy and param.is_contiguous():
+    if not needs_copy:
         return param
     cache = module.__dict__.setdefault("_fused_moe_cache", {})
     # data_ptr catches a replaced or moved tensor, _version an in-place update.
