@@ -1,7 +1,7 @@
 // fused_experts on the CPU, each expert's weights read once a call:
 //   route:   the local slots sorted by expert (permute's order), rows r
 //   up:      act[r] = act(w13[e] x[token(r)] + b13[e]), x rows read in place;
-//            gate and up rows share a panel, so each tile's sums go straight
+//            gate and up rows share a tile, so each tile's sums go straight
 //            through the activation
 //   down:    y[r] = w2[e] act[r] + b2[e]
 //   combine: out[t] = sum over k = 0..K-1 of w[t,k] * y[row(t,k)] (unpermute)
@@ -79,7 +79,7 @@ void up_projection(const DecodeParams& p, const Rows& rows) {
   T* act = static_cast<T*>(p.act);
   const auto activate = epilogues().activate[elem_of<T>()][static_cast<int>(p.activation)];
   grouped_gemm_tiles<T>(g, [&](const TileSums& s) {
-    float bias_gate[kMaxPanelCols], bias_up[kMaxPanelCols];
+    float bias_gate[kMaxTileCols], bias_up[kMaxTileCols];
     const int64_t b = s.e * g.w_rows + s.col * g.cols.stride;
     bias_floats(bias, b, g.cols.stride, s.count, bias_gate);
     bias_floats(bias, b + g.cols.up, g.cols.stride, s.count, bias_up);

@@ -11,37 +11,37 @@
 namespace fused_moe::cpu {
 namespace {
 
-// Plain loops the compiler vectorises over the panel's columns: the same
-// k-order sums as the x86 kernels.
+// Plain loops for CPUs without AVX2: 8 partial sums a dot product (loops
+// the compiler vectorises), added in a fixed tree.
 constexpr int kGenericRows = 4;
 constexpr int kGenericCols = 16;
+constexpr int kLanes = 8;
 
 template <typename T>
-void generic_pack(const void* const* w, int64_t k, void* out) {
-  float* panel = static_cast<float*>(out);
-  for (int j = 0; j < kGenericCols; ++j) {
-    const T* row = static_cast<const T*>(w[j]);
-    for (int64_t i = 0; i < k; ++i) panel[i * kGenericCols + j] = row ? static_cast<float>(row[i]) : 0.0f;
-  }
+float generic_dot_one(const float* x, const T* y, int64_t k) {
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += x[i + l] * static_cast<float>(y[i + l]);
+  for (int l = 0; i + l < k; ++l) part[l] += x[i + l] * static_cast<float>(y[i + l]);
+  for (int half = kLanes / 2; half > 0; half /= 2)
+    for (int l = 0; l < half; ++l) part[l] += part[l + half];
+  return part[0];
 }
 
-void generic_tile(const void* const* a, int n, const void* panel, int64_t k, float* c) {
-  const float* p = static_cast<const float*>(panel);
-  for (int r = 0; r < n; ++r) {
-    const float* x = static_cast<const float*>(a[r]);
-    float acc[kGenericCols] = {};
-    for (int64_t i = 0; i < k; ++i)
-      for (int j = 0; j < kGenericCols; ++j) acc[j] += x[i] * p[i * kGenericCols + j];
-    std::memcpy(c + r * kGenericCols, acc, sizeof(acc));
-  }
+template <typename T>
+void generic_dot(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k, float* c,
+                 int ldc) {
+  for (int r = 0; r < n_a; ++r)
+    for (int j = 0; j < n_w; ++j)
+      c[r * ldc + j] = generic_dot_one(static_cast<const float*>(a[r]), static_cast<const T*>(w[j]), k);
 }
 
 const TileKernels kGenericTiles = {
     "generic",
     kGenericRows,
     kGenericCols,
-    {generic_pack<float>, generic_pack<BFloat16>, generic_pack<Half>},
-    {generic_tile, generic_tile, generic_tile},
+    {generic_dot<float>, generic_dot<BFloat16>, generic_dot<Half>},
     {kF32, kF32, kF32},
     &kEpilogues,
 };
@@ -72,9 +72,9 @@ const TileKernels* choose_tiles() {
   return &kGenericTiles;
 }
 
-// A task's cost in rows: packing its panel costs about as much as this many
-// rows of multiply-adds.
-constexpr int64_t kPackCost = 2;
+// A task's cost in rows: its first row tile reads the weights from memory,
+// which costs about as much as this many more rows.
+constexpr int64_t kReadCost = 2;
 // Rows a task sweeps at most, so that one expert with many rows still
 // splits over threads.
 constexpr int64_t kTaskRows = 256;
@@ -88,9 +88,9 @@ const TileKernels& tile_kernels() {
   return *chosen;
 }
 
-GemmPlan plan_gemm(const GemmShape& g, int per_panel, int threads) {
+GemmPlan plan_gemm(const GemmShape& g, int per_task, int threads) {
   GemmPlan plan;
-  const int64_t panels = (g.cols.count + per_panel - 1) / per_panel;
+  const int64_t blocks = (g.cols.count + per_task - 1) / per_task;
   std::vector<int64_t> cost;
   double macs = 0;
   for (int e = 0; e < g.num_experts; ++e) {
@@ -100,9 +100,9 @@ GemmPlan plan_gemm(const GemmShape& g, int per_panel, int threads) {
     const int64_t chunks = (n + kTaskRows - 1) / kTaskRows;
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t r0 = g.offsets[e] + n * c / chunks, r1 = g.offsets[e] + n * (c + 1) / chunks;
-      for (int64_t q = 0; q < panels; ++q) {
-        plan.tasks.push_back({e, r0, r1, q * per_panel});
-        cost.push_back(r1 - r0 + kPackCost);
+      for (int64_t q = 0; q < blocks; ++q) {
+        plan.tasks.push_back({e, r0, r1, q * per_task});
+        cost.push_back(r1 - r0 + kReadCost);
       }
     }
   }
@@ -123,8 +123,6 @@ GemmPlan plan_gemm(const GemmShape& g, int per_panel, int threads) {
 
 GemmScratch& gemm_scratch(const TileKernels& tk, int64_t k) {
   thread_local GemmScratch s;
-  const size_t panel = panel_bytes(tk, k) / sizeof(float);
-  if (s.panel.size() < panel) s.panel.resize(panel);
   if (s.wide.size() < size_t(tk.rows * k)) s.wide.resize(tk.rows * k);
   if (s.sums.size() < size_t(tk.rows * tk.cols)) s.sums.resize(tk.rows * tk.cols);
   return s;

@@ -1,13 +1,14 @@
 // Grouped GEMMs over expert-sorted rows on the CPU: how the work is split
-// into tasks and threads, and how A rows reach the tile kernels of
+// into tasks and threads, and how rows reach the tile kernels of
 // cpu/tiles.h; what happens to the sums is the caller's epilogue.
 //
-// A task is one expert's panel of output columns for a run of its rows: it
-// packs the panel's weight rows once and sweeps the rows over it, so each
-// weight is read from memory once a task, and A rows are read in place
-// (gathered by index, no copy). Tasks go to threads in contiguous runs of
-// about equal cost; every output is computed by one task, in k order, so the
-// result is the same whatever the thread count or the rows around it.
+// A task is one expert's block of output columns for a run of its rows: it
+// sweeps the rows over the block's weight rows, so each weight is read from
+// memory once a task (later row tiles find it in cache), and A rows are
+// read in place (gathered by index, no copy). Tasks go to threads in
+// contiguous runs of about equal cost; every output is computed by one
+// tile, so the result is the same whatever the thread count or the rows
+// around it.
 #pragma once
 
 #include <algorithm>
@@ -38,7 +39,7 @@ inline const Epilogues& epilogues() { return *tile_kernels().epilogues; }
 
 // The weight rows behind output column j: row j * stride, and for paired
 // columns (the first GEMM of gated experts) also the up row up + j * stride;
-// a panel then holds its outputs' gate rows followed by their up rows.
+// a tile then takes its outputs' gate rows followed by their up rows.
 struct Columns {
   int64_t count = 0;  // output columns
   bool paired = false;
@@ -85,11 +86,11 @@ struct GemmPlan {
   bool parallel = false;      // false: too little work to wake the threads
 };
 
-GemmPlan plan_gemm(const GemmShape& g, int per_panel, int threads);
+GemmPlan plan_gemm(const GemmShape& g, int per_task, int threads);
 
-// Per-thread buffers: the packed panel, widened A rows, the tile's sums.
+// Per-thread buffers: widened A rows, the tile's sums.
 struct GemmScratch {
-  std::vector<float> panel, wide, sums;
+  std::vector<float> wide, sums;
 };
 GemmScratch& gemm_scratch(const TileKernels& tk, int64_t k);
 
@@ -109,16 +110,17 @@ template <typename T, typename Epilogue>
 void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t, GemmScratch& s,
                    const Epilogue& epilogue) {
   constexpr Elem elem = elem_of<T>();
-  const int per_panel = g.cols.paired ? tk.cols / 2 : tk.cols;
-  const int count = static_cast<int>(std::min<int64_t>(per_panel, g.cols.count - t.col0));
+  const int per_task = g.cols.paired ? tk.cols / 2 : tk.cols;
+  const int count = static_cast<int>(std::min<int64_t>(per_task, g.cols.count - t.col0));
+  // The weight rows of the task's outputs; paired: the gate rows, then the up rows.
   const T* w = static_cast<const T*>(g.w) + t.e * g.w_rows * g.k;
-  const void* rows[kMaxPanelCols] = {};
+  const void* rows[kMaxTileCols];
   for (int j = 0; j < count; ++j) {
     const int64_t col = t.col0 + j;
     rows[j] = w + col * g.cols.stride * g.k;
-    if (g.cols.paired) rows[per_panel + j] = w + (g.cols.up + col * g.cols.stride) * g.k;
+    if (g.cols.paired) rows[count + j] = w + (g.cols.up + col * g.cols.stride) * g.k;
   }
-  tk.pack[elem](rows, g.k, s.panel.data());
+  const int n_w = g.cols.paired ? 2 * count : count;
   const bool widen = tk.a_elem[elem] != elem;
   for (int64_t r0 = t.row0; r0 < t.row1; r0 += tk.rows) {
     const int n = static_cast<int>(std::min<int64_t>(tk.rows, t.row1 - r0));
@@ -128,9 +130,9 @@ void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t,
       const T* src = static_cast<const T*>(g.a) + (g.a_index ? g.a_index[r] : r) * g.k;
       a[i] = widen ? widen_row(src, g.k, s.wide.data() + i * g.k) : src;
     }
-    tk.tile[elem](a, n, s.panel.data(), g.k, s.sums.data());
+    tk.dot[elem](a, n, rows, n_w, g.k, s.sums.data(), tk.cols);
     epilogue(TileSums{t.e, r0, n, t.col0, count, s.sums.data(),
-                      g.cols.paired ? s.sums.data() + per_panel : nullptr, tk.cols});
+                      g.cols.paired ? s.sums.data() + count : nullptr, tk.cols});
   }
 }
 
@@ -139,9 +141,9 @@ void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t,
 template <typename T, typename Epilogue>
 void grouped_gemm_tiles(const GemmShape& g, const Epilogue& epilogue) {
   const TileKernels& tk = tile_kernels();
-  const int per_panel = g.cols.paired ? tk.cols / 2 : tk.cols;
+  const int per_task = g.cols.paired ? tk.cols / 2 : tk.cols;
   const int threads = static_cast<int>(torch::stable::get_num_threads());
-  const GemmPlan plan = plan_gemm(g, per_panel, threads);
+  const GemmPlan plan = plan_gemm(g, per_task, threads);
   auto run = [&](int64_t begin, int64_t end) {
     GemmScratch& s = gemm_scratch(tk, g.k);
     for (int64_t p = begin; p < end; ++p)
@@ -165,7 +167,7 @@ void grouped_gemm_store(const GemmShape& g, const T* bias, T* out) {
   const auto store = epilogues().store[elem_of<T>()];
   const int64_t n = g.cols.count;
   grouped_gemm_tiles<T>(g, [&](const TileSums& s) {
-    float b[kMaxPanelCols];
+    float b[kMaxTileCols];
     bias_floats(bias, s.e * n + s.col, 1, s.count, b);
     store(s.sums, s.ld, s.rows, s.count, bias ? b : nullptr, out + s.row * n + s.col, n);
   });

@@ -1,11 +1,11 @@
 // The vectorised inner loops of the CPU GEMMs: one table per instruction set.
 //
-// Rows of A are multiplied by a panel: `cols` weight rows repacked so that
-// one k step reads all of the panel's columns as contiguous vectors, while
-// the row's element k is broadcast. Every output is then summed in k order,
-// one multiply-add a k (a pair of k for the bf16 dot product), so its bits
-// depend on its row of A, its weight row and K alone: not on the rows or
-// columns computed with it, nor on the thread that computes it.
+// A tile multiplies a few rows of A by a block of weight rows, both read in
+// place (K contiguous): each output is a dot product summed in vector lanes,
+// lane l taking elements l, l + L, l + 2L, ... (pairs of them for the bf16
+// dot product), and the L lanes then added in a fixed tree. So an output's
+// bits depend on its row of A, its weight row, K and the instruction set
+// alone: not on the rows or columns computed with it, nor on the thread.
 //
 // The instruction-set files are compiled with their own -m flags: an inline
 // function they shared with the rest of the build could be linked into it in
@@ -22,7 +22,7 @@ enum Elem : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumElems = 3 };
 
 // Bounds of every table's rows and cols, for callers' fixed arrays.
 constexpr int kMaxTileRows = 8;
-constexpr int kMaxPanelCols = 64;
+constexpr int kMaxTileCols = 64;
 
 // The epilogues, compiled with each table's instructions like its tiles
 // (cpu/epilogues.h): they run once per output, often enough to count.
@@ -55,22 +55,16 @@ struct Epilogues {
 
 struct TileKernels {
   const char* name;
-  int rows;  // rows of A one tile call takes at most
-  int cols;  // columns of a panel
-  // pack[elem](w, k, panel): column j of the panel is weight row w[j]
-  // (k elements; nullptr: a column of zeros). A panel takes at most
-  // panel_bytes(k) bytes.
-  void (*pack[kNumElems])(const void* const* w, int64_t k, void* panel);
-  // tile[elem](a, n, panel, k, c): c[r * cols + j] = sum over i < k of
-  // a[r][i] * column j, for r < n <= rows; a's rows are of type a_elem[elem].
-  void (*tile[kNumElems])(const void* const* a, int n, const void* panel, int64_t k, float* c);
-  Elem a_elem[kNumElems];  // kF32 where A rows of this type are first widened to float
+  int rows;  // rows of A one call takes at most
+  int cols;  // weight rows one call takes at most
+  // dot[elem](a, n_a, w, n_w, k, c, ldc): c[r * ldc + j] = a[r] . w[j] over k
+  // elements, for r < n_a <= rows and j < n_w <= cols. w's rows are of type
+  // elem, a's of type a_elem[elem] (kF32: the caller widens them first).
+  void (*dot[kNumElems])(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k,
+                         float* c, int ldc);
+  Elem a_elem[kNumElems];
   const Epilogues* epilogues;
 };
-
-inline int64_t panel_bytes(const TileKernels& t, int64_t k) {
-  return (k + 1) / 2 * 2 * t.cols * int64_t(sizeof(float));
-}
 
 // The tables of the x86 files, nullptr where the build is not for x86; the
 // caller checks that the CPU has the instructions.

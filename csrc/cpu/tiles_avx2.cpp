@@ -1,6 +1,6 @@
 // Tile kernels for AVX2 with FMA and F16C (CMakeLists.txt compiles this file
-// with those instructions): 4 rows by 24 columns of fp32 multiply-adds, bf16
-// and fp16 weights widened to fp32 on packing (their A rows arrive widened).
+// with those instructions): 8-lane partial sums of fp32 multiply-adds; bf16
+// and fp16 weights widened as they are read, their A rows arrive widened.
 #include "cpu/tiles.h"
 
 #if defined(__x86_64__)
@@ -15,39 +15,18 @@ namespace fused_moe::cpu {
 namespace {
 
 constexpr int kRows = 4;
-constexpr int kVecs = 3;  // 8-lane vectors in a panel row
-constexpr int kCols = 8 * kVecs;
-
-// Lane j of r[i] <-> lane i of r[j], for 8 vectors of 8 floats.
-void transpose8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int q = 0; q < 8; q += 4) {
-    u[q] = _mm256_shuffle_ps(t[q], t[q + 2], 0x44);
-    u[q + 1] = _mm256_shuffle_ps(t[q], t[q + 2], 0xee);
-    u[q + 2] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0x44);
-    u[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0xee);
-  }
-  for (int c = 0; c < 4; ++c) {
-    r[c] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x20);
-    r[c + 4] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x31);
-  }
-}
+constexpr int kCols = 32;
 
 // How elements of type E are stored: fp32 as float, bf16 and fp16 as their bits.
 template <Elem E>
 using Stored = std::conditional_t<E == kF32, float, uint16_t>;
 
-// 8 elements of a row from k0 as floats; past the row's end (k), zeros.
+// 8 elements from p as floats; past n, zeros.
 template <Elem E>
-__m256 load8(const Stored<E>* row, int64_t k0, int64_t k) {
+__m256 load8(const Stored<E>* p, int64_t n) {
   Stored<E> part[8] = {};
-  const Stored<E>* p = row + k0;
-  if (k - k0 < 8) {
-    std::memcpy(part, p, (k - k0) * sizeof(part[0]));
+  if (n < 8) {
+    std::memcpy(part, p, n * sizeof(part[0]));
     p = part;
   }
   if constexpr (E == kF32) {
@@ -59,68 +38,72 @@ __m256 load8(const Stored<E>* row, int64_t k0, int64_t k) {
   }
 }
 
-// fp32 panel: entry [i][j] = w[j][i], widened from E.
+// out[i] = the sum of v[i]'s 8 lanes, for 8 vectors at once, every output
+// through the same tree (lanes l and l + 4, then pairs, then the two left).
+inline __attribute__((always_inline)) __m256 reduce8(const __m256 v[8]) {
+  __m256 s[4];
+  for (int i = 0; i < 4; ++i)  // v[2i] in the low 128 bits, v[2i + 1] in the high
+    s[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+  const __m256 t0 = _mm256_hadd_ps(s[0], s[1]), t1 = _mm256_hadd_ps(s[2], s[3]);
+  // Lanes 0..3: outputs 0, 2, 4, 6; lanes 4..7: outputs 1, 3, 5, 7.
+  const __m256 r = _mm256_hadd_ps(t0, t1);
+  return _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// s[r * C + j] = a[r] . w[j] over k, for R rows of fp32 and C weight rows of E.
+template <Elem E, int R, int C>
+void dot_block(const float* const* a, const Stored<E>* const* w, int64_t k, float* s) {
+  static_assert(R * C <= 8, "one reduce8");
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  auto step = [&](int64_t i, int64_t n) {
+    __m256 av[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) av[r] = load8<kF32>(a[r] + i, n);
+#pragma GCC unroll 8
+    for (int j = 0; j < C; ++j) {
+      const __m256 wv = load8<E>(w[j] + i, n);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r * C + j] = _mm256_fmadd_ps(av[r], wv, acc[r * C + j]);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) step(i, 8);
+  if (i < k) step(i, k - i);
+  _mm256_storeu_ps(s, reduce8(acc));
+}
+
+// c[r * ldc + j] for n_a <= R rows and n_w weight rows, C at a time; short
+// blocks repeat their last row (same sums, not stored).
+template <Elem E, int R, int C>
+void dot_rows(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k, float* c,
+              int ldc) {
+  const float* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = static_cast<const float*>(a[r < n_a ? r : n_a - 1]);
+  for (int j0 = 0; j0 < n_w; j0 += C) {
+    const int m = n_w - j0 < C ? n_w - j0 : C;
+    const Stored<E>* wr[C];
+    for (int j = 0; j < C; ++j) wr[j] = static_cast<const Stored<E>*>(w[j0 + (j < m ? j : m - 1)]);
+    float s[8];
+    dot_block<E, R, C>(ar, wr, k, s);
+    for (int r = 0; r < n_a; ++r)
+      for (int j = 0; j < m; ++j) c[r * ldc + j0 + j] = s[r * C + j];
+  }
+}
+
 template <Elem E>
-void pack(const void* const* w, int64_t k, void* out) {
-  float* panel = static_cast<float*>(out);
-  for (int g = 0; g < kVecs; ++g) {
-    for (int64_t k0 = 0; k0 < k; k0 += 8) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        const auto* row = static_cast<const Stored<E>*>(w[g * 8 + i]);
-        r[i] = row ? load8<E>(row, k0, k) : _mm256_setzero_ps();
-      }
-      transpose8(r);
-      const int64_t n = k - k0 < 8 ? k - k0 : 8;
-      for (int i = 0; i < n; ++i) _mm256_storeu_ps(panel + (k0 + i) * kCols + g * 8, r[i]);
-    }
+void dot(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k, float* c, int ldc) {
+  switch (n_a) {
+    case 1: return dot_rows<E, 1, 8>(a, n_a, w, n_w, k, c, ldc);
+    case 2: return dot_rows<E, 2, 4>(a, n_a, w, n_w, k, c, ldc);
+    default: return dot_rows<E, 4, 2>(a, n_a, w, n_w, k, c, ldc);
   }
 }
-
-template <int R>
-void tile_rows(const void* const* rows, const float* panel, int64_t k, float* c) {
-  const float* a[R];
-  for (int r = 0; r < R; ++r) a[r] = static_cast<const float*>(rows[r]);
-  __m256 acc[R][kVecs];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int q = 0; q < kVecs; ++q) acc[r][q] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < k; ++i) {
-    const float* p = panel + i * kCols;
-    __m256 b[kVecs];
-#pragma GCC unroll 4
-    for (int q = 0; q < kVecs; ++q) b[q] = _mm256_loadu_ps(p + 8 * q);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a[r] + i);
-#pragma GCC unroll 4
-      for (int q = 0; q < kVecs; ++q) acc[r][q] = _mm256_fmadd_ps(x, b[q], acc[r][q]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < kVecs; ++q) _mm256_storeu_ps(c + r * kCols + 8 * q, acc[r][q]);
-}
-
-void tile(const void* const* a, int n, const void* panel, int64_t k, float* c) {
-  const float* p = static_cast<const float*>(panel);
-  switch (n) {
-    case 1: return tile_rows<1>(a, p, k, c);
-    case 2: return tile_rows<2>(a, p, k, c);
-    case 3: return tile_rows<3>(a, p, k, c);
-    default: return tile_rows<4>(a, p, k, c);
-  }
-}
-static_assert(kRows == 4, "tile covers 1..4 rows");
+static_assert(kRows == 4, "dot covers 1..4 rows");
 
 const TileKernels kTiles = {
-    "avx2",
-    kRows,
-    kCols,
-    {pack<kF32>, pack<kBF16>, pack<kF16>},
-    {tile, tile, tile},
-    {kF32, kF32, kF32},
-    &kEpilogues,
+    "avx2", kRows, kCols, {dot<kF32>, dot<kBF16>, dot<kF16>}, {kF32, kF32, kF32}, &kEpilogues,
 };
 
 }  // namespace

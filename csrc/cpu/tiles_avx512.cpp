@@ -1,6 +1,6 @@
 // Tile kernels for AVX-512 (F, BW, VL and BF16; CMakeLists.txt compiles this
-// file with those instructions): 6 rows by 64 columns, fp32 multiply-adds,
-// bf16 by its pairwise dot product, fp16 widened to fp32 on packing.
+// file with those instructions): 16-lane partial sums, fp32 multiply-adds,
+// bf16 by its pairwise dot product, fp16 weights widened as they are read.
 #include "cpu/tiles.h"
 
 #if defined(__x86_64__)
@@ -12,207 +12,146 @@
 #endif
 #include <immintrin.h>
 
-#include <cstring>
-#include <type_traits>
-
 #include "cpu/epilogues.h"
 
 namespace fused_moe::cpu {
 namespace {
 
 constexpr int kRows = 6;
-constexpr int kVecs = 4;  // 16-lane vectors in a panel row
-constexpr int kCols = 16 * kVecs;
-
-__m512 zeros() { return _mm512_setzero_ps(); }
-__m512 as_ps(__m512d x) { return _mm512_castpd_ps(x); }
-__m512d as_pd(__m512 x) { return _mm512_castps_pd(x); }
-
-// Lane j of r[i] <-> lane i of r[j], for 16 vectors of 16 32-bit lanes.
-inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  // Now r[q + c] (q = 0, 4, 8, 12) holds, in its 128-bit lane l, column
-  // 4l + c of rows q..q+3.
-  for (int q = 0; q < 16; q += 4) {
-    r[q] = as_ps(_mm512_unpacklo_pd(as_pd(t[q]), as_pd(t[q + 2])));
-    r[q + 1] = as_ps(_mm512_unpackhi_pd(as_pd(t[q]), as_pd(t[q + 2])));
-    r[q + 2] = as_ps(_mm512_unpacklo_pd(as_pd(t[q + 1]), as_pd(t[q + 3])));
-    r[q + 3] = as_ps(_mm512_unpackhi_pd(as_pd(t[q + 1]), as_pd(t[q + 3])));
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 s0 = _mm512_shuffle_f32x4(r[c], r[c + 4], 0x88);  // lanes 0, 2
-    const __m512 s1 = _mm512_shuffle_f32x4(r[c], r[c + 4], 0xdd);  // lanes 1, 3
-    const __m512 s2 = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0x88);
-    const __m512 s3 = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0xdd);
-    r[c] = _mm512_shuffle_f32x4(s0, s2, 0x88);
-    r[c + 4] = _mm512_shuffle_f32x4(s1, s3, 0x88);
-    r[c + 8] = _mm512_shuffle_f32x4(s0, s2, 0xdd);
-    r[c + 12] = _mm512_shuffle_f32x4(s1, s3, 0xdd);
-  }
-}
+constexpr int kCols = 64;
 
 __mmask16 first16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 __mmask32 first32(int64_t n) { return n >= 32 ? 0xffffffffu : (1u << n) - 1; }
 
-// Bytes ahead of the current load that packing prefetches in each weight
-// row: its 16 rows are 16 short streams (a page or two each), which the
-// hardware prefetcher alone does not run far enough ahead of.
+// One k step of each kind of A and weight row: `step` elements as a vector
+// (the last step of a row masked to its n valid elements, zeros after), and
+// acc + a * w lane by lane.
+struct F32 {
+  using A = float;
+  using W = float;
+  static constexpr int kStep = 16;
+  static __m512 load_a(const float* p, int64_t n) {
+    return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first16(n), p);
+  }
+  static __m512 load_w(const float* p, int64_t n) { return load_a(p, n); }
+  static __m512 madd(__m512 acc, __m512 a, __m512 w) { return _mm512_fmadd_ps(a, w, acc); }
+};
+
+// bf16 rows by pairs: lane l sums the pairs (2l, 2l + 1) of every 32 elements.
+struct BF16 {
+  using A = uint16_t;
+  using W = uint16_t;
+  static constexpr int kStep = 32;
+  static __m512 load_a(const uint16_t* p, int64_t n) {
+    return n >= 32 ? _mm512_loadu_ps(p) : _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(first32(n), p));
+  }
+  static __m512 load_w(const uint16_t* p, int64_t n) { return load_a(p, n); }
+  static __m512 madd(__m512 acc, __m512 a, __m512 w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)w);
+  }
+};
+
+// fp16 weights against A rows widened to fp32.
+struct F16 {
+  using A = float;
+  using W = uint16_t;
+  static constexpr int kStep = 16;
+  static __m512 load_a(const float* p, int64_t n) { return F32::load_a(p, n); }
+  static __m512 load_w(const uint16_t* p, int64_t n) {
+    return _mm512_cvtph_ps(n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                   : _mm256_maskz_loadu_epi16(first16(n), p));
+  }
+  static __m512 madd(__m512 acc, __m512 a, __m512 w) { return _mm512_fmadd_ps(a, w, acc); }
+};
+
+// out[i] = the sum of v[i]'s 16 lanes, for 16 vectors at once. Every output
+// goes through the same tree (lanes l and l + 8, then l and l + 4, ...),
+// whichever v[i] it is in.
+inline __attribute__((always_inline)) __m512 reduce16(const __m512 v[16]) {
+  __m512 s[8], t[4], u[2];
+  for (int i = 0; i < 8; ++i)  // v[2i] in the low 256 bits, v[2i + 1] in the high
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane q: output 4i + q
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i) {  // lane q: outputs 8i + q (2 partials), 8i + 4 + q (2)
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Lane q: outputs q, 4 + q, 8 + q, 12 + q; then in order.
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xdd));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
+// Bytes ahead that each weight row is prefetched into L1: a block's rows
+// are as many streams, and later row tiles read them from L2.
 constexpr int64_t kPrefetchBytes = 512;
 
-// Packs 16 columns at a time: load(row, k0, n) reads the `step` elements
-// from k0 of a weight row (n of them valid) as 16 32-bit lanes; 16 rows
-// transposed give the next 16 of the panel's `units` rows of 32-bit entries.
-template <int64_t kBytes, typename Load>
-void pack_columns(const void* const* w, int64_t k, int64_t step, int64_t units, float* panel,
-                  const Load& load) {
-  const __m512 zero = zeros();
-  for (int g = 0; g < kVecs; ++g) {
-    const char* rows[16];
-    for (int i = 0; i < 16; ++i) rows[i] = static_cast<const char*>(w[g * 16 + i]);
-    for (int64_t k0 = 0, u0 = 0; k0 < k; k0 += step, u0 += 16) {
-      const int64_t n = k - k0;
-      __m512 r[16];
+// s[r * C + j] = a[r] . w[j] over k, for R rows and C weight rows (R * C <= 32).
+template <typename S, int R, int C>
+void dot_block(const typename S::A* const* a, const typename S::W* const* w, int64_t k, float* s) {
+  static_assert(R * C <= 32, "two reduce16 at most");
+  __m512 acc[R * C];
+#pragma GCC unroll 32
+  for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
+  auto step = [&](int64_t i, int64_t n) {
+    __m512 av[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) av[r] = S::load_a(a[r] + i, n);
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) {
-        if (rows[i] == nullptr) {
-          r[i] = zero;
-          continue;
-        }
-        const char* p = rows[i] + k0 * kBytes;
-        if (n > step + kPrefetchBytes / kBytes) _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
-        r[i] = load(p, n);
-      }
-      transpose16(r);
-      const int64_t m = units - u0 < 16 ? units - u0 : 16;
-      for (int i = 0; i < m; ++i) _mm512_storeu_ps(panel + (u0 + i) * kCols + g * 16, r[i]);
-    }
-  }
-}
-
-// fp32 panel: entry [i][j] = w[j][i].
-void pack_f32(const void* const* w, int64_t k, void* panel) {
-  pack_columns<4>(w, k, 16, k, static_cast<float*>(panel), [](const char* p, int64_t n) {
-    const auto* x = reinterpret_cast<const float*>(p);
-    return n >= 16 ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(first16(n), x);
-  });
-}
-
-void pack_f16(const void* const* w, int64_t k, void* panel) {
-  pack_columns<2>(w, k, 16, k, static_cast<float*>(panel), [](const char* p, int64_t n) {
-    const __m256i h = n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                              : _mm256_maskz_loadu_epi16(first16(n), p);
-    return _mm512_cvtph_ps(h);
-  });
-}
-
-// bf16 panel of pairs: 32-bit entry [i][j] = (w[j][2i], w[j][2i + 1]), the
-// last pair of an odd k completed by a zero.
-void pack_bf16(const void* const* w, int64_t k, void* panel) {
-  pack_columns<2>(w, k, 32, (k + 1) / 2, static_cast<float*>(panel), [](const char* p, int64_t n) {
-    return n >= 32 ? _mm512_loadu_ps(p) : _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(first32(n), p));
-  });
-}
-
-template <int R>
-void tile_f32_rows(const void* const* rows, const float* panel, int64_t k, float* c) {
-  const float* a[R];
-  for (int r = 0; r < R; ++r) a[r] = static_cast<const float*>(rows[r]);
-  __m512 acc[R][kVecs];
+    for (int j = 0; j < C; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[j] + i) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512 wv = S::load_w(w[j] + i, n);
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int q = 0; q < kVecs; ++q) acc[r][q] = zeros();
-  for (int64_t i = 0; i < k; ++i) {
-    const float* p = panel + i * kCols;
-    __m512 b[kVecs];
-#pragma GCC unroll 4
-    for (int q = 0; q < kVecs; ++q) b[q] = _mm512_loadu_ps(p + 16 * q);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r][i]);
-#pragma GCC unroll 4
-      for (int q = 0; q < kVecs; ++q) acc[r][q] = _mm512_fmadd_ps(x, b[q], acc[r][q]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < kVecs; ++q) _mm512_storeu_ps(c + r * kCols + 16 * q, acc[r][q]);
-}
-
-template <int R>
-void tile_bf16_rows(const void* const* rows, const float* panel, int64_t k, float* c) {
-  const uint16_t* a[R];
-  for (int r = 0; r < R; ++r) a[r] = static_cast<const uint16_t*>(rows[r]);
-  __m512 acc[R][kVecs];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int q = 0; q < kVecs; ++q) acc[r][q] = zeros();
-  const int64_t pairs = k / 2;
-  auto step = [&](int64_t i, auto pair) {
-    const float* p = panel + i * kCols;
-    __m512bh b[kVecs];
-#pragma GCC unroll 4
-    for (int q = 0; q < kVecs; ++q) b[q] = (__m512bh)_mm512_loadu_ps(p + 16 * q);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512bh x = pair(a[r], i);
-#pragma GCC unroll 4
-      for (int q = 0; q < kVecs; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], x, b[q]);
+      for (int r = 0; r < R; ++r) acc[r * C + j] = S::madd(acc[r * C + j], av[r], wv);
     }
   };
-  // Each row's pair (a[2i], a[2i + 1]) broadcast; an odd k's last element
-  // pairs with a zero, as in the panel.
-  for (int64_t i = 0; i < pairs; ++i) {
-    step(i, [](const uint16_t* row, int64_t j) {
-      uint32_t v;
-      std::memcpy(&v, row + 2 * j, sizeof(v));
-      return (__m512bh)_mm512_set1_epi32(static_cast<int>(v));
-    });
-  }
-  if (k % 2) {
-    step(pairs, [](const uint16_t* row, int64_t j) {
-      return (__m512bh)_mm512_set1_epi32(row[2 * j]);
-    });
-  }
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < kVecs; ++q) _mm512_storeu_ps(c + r * kCols + 16 * q, acc[r][q]);
-}
-
-// Calls f(std::integral_constant<int, n>) for n in 1..kRows.
-template <typename F>
-void by_rows(int n, const F& f) {
-  switch (n) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    default: return f(std::integral_constant<int, 6>{});
+  int64_t i = 0;
+  for (; i + S::kStep <= k; i += S::kStep) step(i, S::kStep);
+  if (i < k) step(i, k - i);
+  for (int q = 0; q < R * C; q += 16) {
+    __m512 v[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) v[j] = q + j < R * C ? acc[q + j] : _mm512_setzero_ps();
+    _mm512_storeu_ps(s + q, reduce16(v));
   }
 }
 
-void tile_f32(const void* const* a, int n, const void* panel, int64_t k, float* c) {
-  by_rows(n, [&](auto r) { tile_f32_rows<r()>(a, static_cast<const float*>(panel), k, c); });
+// c[r * ldc + j] for n_a <= R rows and n_w weight rows, C at a time; short
+// blocks repeat their last row (same sums, not stored).
+template <typename S, int R, int C>
+void dot_rows(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k, float* c,
+              int ldc) {
+  const typename S::A* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = static_cast<const typename S::A*>(a[r < n_a ? r : n_a - 1]);
+  for (int j0 = 0; j0 < n_w; j0 += C) {
+    const int m = n_w - j0 < C ? n_w - j0 : C;
+    const typename S::W* wr[C];
+    for (int j = 0; j < C; ++j) wr[j] = static_cast<const typename S::W*>(w[j0 + (j < m ? j : m - 1)]);
+    float s[32];
+    dot_block<S, R, C>(ar, wr, k, s);
+    for (int r = 0; r < n_a; ++r)
+      for (int j = 0; j < m; ++j) c[r * ldc + j0 + j] = s[r * C + j];
+  }
 }
 
-void tile_bf16(const void* const* a, int n, const void* panel, int64_t k, float* c) {
-  by_rows(n, [&](auto r) { tile_bf16_rows<r()>(a, static_cast<const float*>(panel), k, c); });
+template <typename S>
+void dot(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k, float* c, int ldc) {
+  switch (n_a) {
+    case 1: return dot_rows<S, 1, 16>(a, n_a, w, n_w, k, c, ldc);
+    case 2: return dot_rows<S, 2, 8>(a, n_a, w, n_w, k, c, ldc);
+    case 3: return dot_rows<S, 3, 5>(a, n_a, w, n_w, k, c, ldc);
+    case 4: return dot_rows<S, 4, 4>(a, n_a, w, n_w, k, c, ldc);
+    default: return dot_rows<S, 6, 4>(a, n_a, w, n_w, k, c, ldc);  // 5 rows: the last repeated
+  }
 }
-
-static_assert(kRows == 6, "by_rows covers 1..6 rows");
+static_assert(kRows == 6, "dot covers 1..6 rows");
 
 const TileKernels kTiles = {
-    "avx512",
-    kRows,
-    kCols,
-    {pack_f32, pack_bf16, pack_f16},
-    {tile_f32, tile_bf16, tile_f32},
-    {kF32, kBF16, kF32},
-    &kEpilogues,
+    "avx512", kRows, kCols, {dot<F32>, dot<BF16>, dot<F16>}, {kF32, kBF16, kF32}, &kEpilogues,
 };
 
 }  // namespace
