@@ -8,35 +8,44 @@
 
 namespace fused_moe {
 
-FUSED_MOE_HD float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// The float functions the formulas call: the C library's, unless a kernel
+// passes its own (the CPU's exp vectorises).
+struct LibMath {
+  static FUSED_MOE_HD float exp(float x) { return expf(x); }
+  static FUSED_MOE_HD float erf(float x) { return erff(x); }
+  static FUSED_MOE_HD float tanh(float x) { return tanhf(x); }
+};
+
+template <typename M>
+FUSED_MOE_HD float sigmoid(float x) { return 1.0f / (1.0f + M::exp(-x)); }
 
 // act(x) of the plain activations; swigluoai is gated only (see gated_act).
-template <Activation A>
+template <Activation A, typename M = LibMath>
 FUSED_MOE_HD float act(float x) {
   if constexpr (A == Activation::kSilu) {
-    return x * sigmoidf(x);
+    return x * sigmoid<M>(x);
   } else if constexpr (A == Activation::kGelu) {
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    return 0.5f * x * (1.0f + M::erf(x * 0.70710678118654752f));
   } else if constexpr (A == Activation::kGeluTanh) {
     const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(inner));
+    return 0.5f * x * (1.0f + M::tanh(inner));
   } else if constexpr (A == Activation::kRelu2) {
     const float r = x > 0.0f ? x : 0.0f;
     return r * r;
   } else {  // kSwigluOai without an up projection: the gate half alone
     const float g = fminf(x, kSwigluLimit);
-    return g * sigmoidf(kSwigluAlpha * g);
+    return g * sigmoid<M>(kSwigluAlpha * g);
   }
 }
 
 // act(gate) * up, with gpt-oss's clamped form for swigluoai.
-template <Activation A>
+template <Activation A, typename M = LibMath>
 FUSED_MOE_HD float gated_act(float gate, float up) {
   if constexpr (A == Activation::kSwigluOai) {
     const float u = fminf(fmaxf(up, -kSwigluLimit), kSwigluLimit);
-    return (u + 1.0f) * act<A>(gate);
+    return (u + 1.0f) * act<A, M>(gate);
   } else {
-    return act<A>(gate) * up;
+    return act<A, M>(gate) * up;
   }
 }
 

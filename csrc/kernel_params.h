@@ -120,8 +120,9 @@ struct UnpermuteParams {
   int topk = 0;                       // K
 };
 
-// fused_experts for a few tokens in two CUDA kernels (cuda/decode.cu); the
-// CPU and larger batches compose permute, grouped_gemm, activation, unpermute.
+// A whole fused_experts call: the CPU kernel (cpu/experts.cpp) at any batch,
+// the two CUDA kernels of cuda/decode.cu for a few tokens (larger batches on
+// the GPU compose permute, grouped_gemm, activation, unpermute).
 struct DecodeParams {
   const void* x = nullptr;             // [M, H]
   int64_t x_stride = 0;                // between rows of x
@@ -136,6 +137,7 @@ struct DecodeParams {
   ExpertIds topk_ids;                  // [M, K] global expert ids
   const int32_t* expert_map = nullptr; // [E_global] global -> local id or -1; null: identity
   void* act = nullptr;                 // [M*K, I] scratch: the activations of every slot
+  void* y = nullptr;                   // [M*K, H] scratch (CPU): every slot's expert output
   void* out = nullptr;                 // [M, H]
   int64_t num_tokens = 0;              // M
   int64_t hidden = 0;                  // H

@@ -344,7 +344,7 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
   FUSED_MOE_CHECK(!apply_router_weight_on_input || topk_ids.size(1) == 1, op,
                   ": apply_router_weight_on_input needs topk == 1, got topk=", topk_ids.size(1));
   const Activation activation_kind = parse_activation(op, activation_name, is_act_and_mul);
-  if (hidden_states.is_cuda() && m > 0) {
+  if (m > 0) {
     DecodeParams p;
     p.x = hidden_states.data_ptr();
     p.x_stride = hidden_states.stride(0);
@@ -369,6 +369,19 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
     p.activation = activation_kind;
     p.gated = is_act_and_mul;
     p.weight_on_input = apply_router_weight_on_input;
+    if (!hidden_states.is_cuda()) {
+      // The ranges permute checks on the composed path.
+      if (expert_map) Arg{op, "expert_map", *expert_map}.values_in(-1, e_local);
+      Arg{op, "topk_ids", topk_ids}.values_in(0, mapped);
+      Tensor act = alloc(hidden_states, {m * p.topk, inter});
+      Tensor y = alloc(hidden_states, {m * p.topk, h});
+      Tensor out = alloc(hidden_states, {m, h});
+      p.act = act.data_ptr();
+      p.y = y.data_ptr();
+      p.out = out.data_ptr();
+      cpu::fused_experts(p);
+      return out;
+    }
     if (cuda::decode_applies(p)) {
       Tensor act = alloc(hidden_states, {m * p.topk, inter});
       Tensor out = alloc(hidden_states, {m, h});

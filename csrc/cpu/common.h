@@ -33,6 +33,10 @@ void dispatch_float(ScalarType dtype, F&& f, bool allow_double = false) {
                            torch::headeronly::toString(dtype));
 }
 
+// The local slots of p.topk_ids sorted by expert, slot order kept within an
+// expert: fills p.expert_offsets and p.inv_index (permute's first half).
+void sort_slots(const PermuteParams& p);
+
 // Runs f(begin, end) over [0, n) on torch's intra-op thread pool.
 template <typename F>
 void parallel_rows(int64_t n, int64_t grain, const F& f) {

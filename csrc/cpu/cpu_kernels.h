@@ -10,5 +10,6 @@ void permute(const PermuteParams& p);
 void grouped_gemm(const GroupedGemmParams& p);
 void activation(const ActivationParams& p);
 void unpermute(const UnpermuteParams& p);
+void fused_experts(const DecodeParams& p);
 
 }  // namespace fused_moe::cpu

@@ -2,7 +2,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/common.h"
+#include "cpu/gemm.h"
 
 namespace fused_moe::cpu {
 namespace {
@@ -24,7 +24,7 @@ void copy_row(const T* src, T* dst, int64_t h, const float* scale) {
 
 }  // namespace
 
-void permute(const PermuteParams& p) {
+void sort_slots(const PermuteParams& p) {
   const int64_t slots = p.num_tokens * p.topk;
   std::vector<int32_t> count(p.num_local_experts + 1, 0);
   for (int64_t s = 0; s < slots; ++s) {
@@ -41,6 +41,11 @@ void permute(const PermuteParams& p) {
     const int e = local_expert(p, p.topk_ids[s]);
     p.inv_index[s] = e >= 0 ? next[e]++ : -1;
   }
+}
+
+void permute(const PermuteParams& p) {
+  sort_slots(p);
+  const int64_t slots = p.num_tokens * p.topk;
   dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(p.x);
@@ -59,25 +64,24 @@ void permute(const PermuteParams& p) {
 }
 
 void unpermute(const UnpermuteParams& p) {
-  dispatch_float(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const T* y = static_cast<const T*>(p.y);
-    T* out = static_cast<T*>(p.out);
-    const int64_t h = p.hidden;
-    parallel_rows(p.num_tokens, 16, [&](int64_t b, int64_t end) {
-      std::vector<float> acc(h);
-      for (int64_t t = b; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int k = 0; k < p.topk; ++k) {
-          const int32_t row = p.inv_index[t * p.topk + k];
-          if (row < 0) continue;
-          const float w = p.weights ? p.weights[t * p.topk + k] : 1.0f;
-          const T* src = y + int64_t(row) * h;
-          for (int64_t i = 0; i < h; ++i) acc[i] += w * static_cast<float>(src[i]);
-        }
-        for (int64_t i = 0; i < h; ++i) out[t * h + i] = static_cast<T>(acc[i]);
+  const Elem elem = elem_of(p.dtype);
+  const Epilogues& ep = epilogues();
+  const int64_t h = p.hidden;
+  const int64_t row_bytes = h * (elem == kF32 ? 4 : 2);
+  const char* y = static_cast<const char*>(p.y);
+  char* out = static_cast<char*>(p.out);
+  parallel_rows(p.num_tokens, 16, [&](int64_t b, int64_t end) {
+    std::vector<float> acc(h);
+    for (int64_t t = b; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int k = 0; k < p.topk; ++k) {
+        const int32_t row = p.inv_index[t * p.topk + k];
+        if (row < 0) continue;
+        const float w = p.weights ? p.weights[t * p.topk + k] : 1.0f;
+        ep.accumulate[elem](acc.data(), y + row * row_bytes, w, h);
       }
-    });
+      ep.store[elem](acc.data(), 0, 1, static_cast<int>(h), nullptr, out + t * row_bytes, 0);
+    }
   });
 }
 

@@ -1,0 +1,176 @@
+// Grouped GEMMs over expert-sorted rows on the CPU: how the work is split
+// into tasks and threads, and how rows reach the tile kernels of
+// cpu/tiles.h; what happens to the sums is the caller's epilogue.
+//
+// A task is one expert's block of output columns for a run of its rows: it
+// sweeps the rows over the block's weight rows, so each weight is read from
+// memory once a task (later row tiles find it in cache), and A rows are
+// read in place (gathered by index, no copy). Tasks go to threads in
+// contiguous runs of about equal cost; every output is computed by one
+// tile, so the result is the same whatever the thread count or the rows
+// around it.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/common.h"
+#include "cpu/tiles.h"
+
+namespace fused_moe::cpu {
+
+// The tile kernels of this CPU: the widest instruction set it has, capped
+// by FUSED_MOE_CPU_ISA=avx512|avx2|generic when that is set.
+const TileKernels& tile_kernels();
+
+template <typename T>
+constexpr Elem elem_of() {
+  if constexpr (std::is_same_v<T, float>) return kF32;
+  else if constexpr (std::is_same_v<T, BFloat16>) return kBF16;
+  else return kF16;
+}
+
+inline Elem elem_of(ScalarType t) {
+  return t == ScalarType::Float ? kF32 : t == ScalarType::BFloat16 ? kBF16 : kF16;
+}
+
+inline const Epilogues& epilogues() { return *tile_kernels().epilogues; }
+
+// The weight rows behind output column j: row j * stride, and for paired
+// columns (the first GEMM of gated experts) also the up row up + j * stride;
+// a tile then takes its outputs' gate rows followed by their up rows.
+struct Columns {
+  int64_t count = 0;  // output columns
+  bool paired = false;
+  int64_t stride = 1;
+  int64_t up = 0;
+};
+
+// For each expert e and row r in [offsets[e], offsets[e+1]): A row r times
+// the weight rows of every output column of e.
+struct GemmShape {
+  const void* a = nullptr;           // row r at a + (a_index ? a_index[r] : r) * k
+  const int32_t* a_index = nullptr;
+  const void* w = nullptr;           // [E, w_rows, k]
+  int64_t w_rows = 0;
+  int64_t k = 0;
+  Columns cols;
+  const int32_t* offsets = nullptr;  // [E + 1]
+  int num_experts = 0;
+};
+
+// What a tile hands its epilogue: rows [row, row + rows) of expert e and
+// output columns [col, col + count); sums[r * ld + j], and for paired
+// columns the up sums at up[r * ld + j].
+struct TileSums {
+  int e;
+  int64_t row;
+  int rows;
+  int64_t col;
+  int count;
+  const float* sums;
+  const float* up;
+  int ld;
+};
+
+struct GemmTask {
+  int e;
+  int64_t row0, row1;
+  int64_t col0;
+};
+
+struct GemmPlan {
+  std::vector<GemmTask> tasks;
+  std::vector<size_t> first;  // thread p runs tasks [first[p], first[p + 1])
+  bool parallel = false;      // false: too little work to wake the threads
+};
+
+GemmPlan plan_gemm(const GemmShape& g, int per_task, int threads);
+
+// Per-thread buffers: widened A rows, the tile's sums.
+struct GemmScratch {
+  std::vector<float> wide, sums;
+};
+GemmScratch& gemm_scratch(const TileKernels& tk, int64_t k);
+
+// out[j] = bias[first + j * stride] as floats for j < n, zeros without a bias.
+template <typename T>
+void bias_floats(const T* bias, int64_t first, int64_t stride, int n, float* out) {
+  for (int j = 0; j < n; ++j) out[j] = bias ? static_cast<float>(bias[first + j * stride]) : 0.0f;
+}
+
+template <typename T>
+const void* widen_row(const T* src, int64_t k, float* dst) {
+  for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<float>(src[i]);
+  return dst;
+}
+
+template <typename T, typename Epilogue>
+void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t, GemmScratch& s,
+                   const Epilogue& epilogue) {
+  constexpr Elem elem = elem_of<T>();
+  const int per_task = g.cols.paired ? tk.cols / 2 : tk.cols;
+  const int count = static_cast<int>(std::min<int64_t>(per_task, g.cols.count - t.col0));
+  // The weight rows of the task's outputs; paired: the gate rows, then the up rows.
+  const T* w = static_cast<const T*>(g.w) + t.e * g.w_rows * g.k;
+  const void* rows[kMaxTileCols];
+  for (int j = 0; j < count; ++j) {
+    const int64_t col = t.col0 + j;
+    rows[j] = w + col * g.cols.stride * g.k;
+    if (g.cols.paired) rows[count + j] = w + (g.cols.up + col * g.cols.stride) * g.k;
+  }
+  const int n_w = g.cols.paired ? 2 * count : count;
+  const bool widen = tk.a_elem[elem] != elem;
+  for (int64_t r0 = t.row0; r0 < t.row1; r0 += tk.rows) {
+    const int n = static_cast<int>(std::min<int64_t>(tk.rows, t.row1 - r0));
+    const void* a[kMaxTileRows];
+    for (int i = 0; i < n; ++i) {
+      const int64_t r = r0 + i;
+      const T* src = static_cast<const T*>(g.a) + (g.a_index ? g.a_index[r] : r) * g.k;
+      a[i] = widen ? widen_row(src, g.k, s.wide.data() + i * g.k) : src;
+    }
+    tk.dot[elem](a, n, rows, n_w, g.k, s.sums.data(), tk.cols);
+    epilogue(TileSums{t.e, r0, n, t.col0, count, s.sums.data(),
+                      g.cols.paired ? s.sums.data() + count : nullptr, tk.cols});
+  }
+}
+
+// Runs the grouped GEMM g over elements of type T, calling epilogue(TileSums)
+// for every tile (from any thread; tiles never overlap).
+template <typename T, typename Epilogue>
+void grouped_gemm_tiles(const GemmShape& g, const Epilogue& epilogue) {
+  const TileKernels& tk = tile_kernels();
+  const int per_task = g.cols.paired ? tk.cols / 2 : tk.cols;
+  const int threads = static_cast<int>(torch::stable::get_num_threads());
+  const GemmPlan plan = plan_gemm(g, per_task, threads);
+  auto run = [&](int64_t begin, int64_t end) {
+    GemmScratch& s = gemm_scratch(tk, g.k);
+    for (int64_t p = begin; p < end; ++p)
+      for (size_t i = plan.first[p]; i < plan.first[p + 1]; ++i)
+        run_gemm_task<T>(g, tk, plan.tasks[i], s, epilogue);
+  };
+  if (plan.parallel) {
+    torch::stable::parallel_for(0, threads, 1, run);
+  } else {
+    run(0, threads);
+  }
+}
+
+}  // namespace fused_moe::cpu
+
+namespace fused_moe::cpu {
+
+// The plain grouped GEMM: out[r][j] = sums + bias[e][j], stored as T.
+template <typename T>
+void grouped_gemm_store(const GemmShape& g, const T* bias, T* out) {
+  const auto store = epilogues().store[elem_of<T>()];
+  const int64_t n = g.cols.count;
+  grouped_gemm_tiles<T>(g, [&](const TileSums& s) {
+    float b[kMaxTileCols];
+    bias_floats(bias, s.e * n + s.col, 1, s.count, b);
+    store(s.sums, s.ld, s.rows, s.count, bias ? b : nullptr, out + s.row * n + s.col, n);
+  });
+}
+
+}  // namespace fused_moe::cpu

@@ -1,0 +1,74 @@
+// The vectorised inner loops of the CPU GEMMs: one table per instruction set.
+//
+// A tile multiplies a few rows of A by a block of weight rows, both read in
+// place (K contiguous): each output is a dot product summed in vector lanes,
+// lane l taking elements l, l + L, l + 2L, ... (pairs of them for the bf16
+// dot product), and the L lanes then added in a fixed tree. So an output's
+// bits depend on its row of A, its weight row, K and the instruction set
+// alone: not on the rows or columns computed with it, nor on the thread.
+//
+// The instruction-set files are compiled with their own -m flags: an inline
+// function they shared with the rest of the build could be linked into it in
+// its AVX-512 form. So they call no inline function of another header (torch
+// headers included), and what they include of ours is in unnamed namespaces.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_moe::cpu {
+
+// Element types, as the tables index them.
+enum Elem : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumElems = 3 };
+
+// Bounds of every table's rows and cols, for callers' fixed arrays.
+constexpr int kMaxTileRows = 8;
+constexpr int kMaxTileCols = 64;
+
+// The epilogues, compiled with each table's instructions like its tiles
+// (cpu/epilogues.h): they run once per output, often enough to count.
+constexpr int kNumActivations = 5;  // fused_moe::Activation's values
+
+// out[r * ld_out + j] = act(rounded(gate[r * ld + j] + bias_gate[j])), or with
+// up, gated_act(that, rounded(up[r * ld + j] + bias_up[j])); rounded to and
+// stored as the element type, for r < rows, j < n.
+struct ActRows {
+  const float* gate;
+  const float* up;  // nullptr: not gated
+  int ld;
+  int rows;
+  int n;
+  const float* bias_gate;  // [n]
+  const float* bias_up;    // [n]
+  void* out;
+  int64_t ld_out;
+};
+
+struct Epilogues {
+  void (*activate[kNumElems][kNumActivations])(const ActRows& a);
+  // out[r * ld_out + j] = sums[r * ld + j] + bias[j] (bias may be nullptr),
+  // stored as the element type.
+  void (*store[kNumElems])(const float* sums, int ld, int rows, int n, const float* bias, void* out,
+                           int64_t ld_out);
+  // acc[i] += w * y[i], i < n, a multiply then an add.
+  void (*accumulate[kNumElems])(float* acc, const void* y, float w, int64_t n);
+};
+
+struct TileKernels {
+  const char* name;
+  int rows;  // rows of A one call takes at most
+  int cols;  // weight rows one call takes at most
+  // dot[elem](a, n_a, w, n_w, k, c, ldc): c[r * ldc + j] = a[r] . w[j] over k
+  // elements, for r < n_a <= rows and j < n_w <= cols. w's rows are of type
+  // elem, a's of type a_elem[elem] (kF32: the caller widens them first).
+  void (*dot[kNumElems])(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k,
+                         float* c, int ldc);
+  Elem a_elem[kNumElems];
+  const Epilogues* epilogues;
+};
+
+// The tables of the x86 files, nullptr where the build is not for x86; the
+// caller checks that the CPU has the instructions.
+const TileKernels* avx512_tiles();  // AVX-512 F/BW/VL with BF16 dot products
+const TileKernels* avx2_tiles();    // AVX2 with FMA and F16C
+
+}  // namespace fused_moe::cpu
