@@ -31,6 +31,7 @@ Rows sort_rows(const DecodeParams& p) {
   r.inv.resize(p.num_tokens * p.topk);
   PermuteParams pp;
   pp.x = p.x;
+  pp.x_stride = p.x_stride;
   pp.dtype = p.dtype;
   pp.topk_ids = p.topk_ids;
   pp.expert_map = p.expert_map;
