@@ -61,12 +61,9 @@ Rows sort_rows(const DecodeParams& p) {
 
 template <typename T>
 void up_projection(const DecodeParams& p, const Rows& rows) {
-  GemmShape g;
-  g.a = rows.a;
+  GemmShape g = plain_gemm(rows.a, p.w13, p.gated ? 2 * p.inter : p.inter, p.hidden,
+                           rows.offsets.data(), p.num_local_experts);
   g.a_index = rows.a_index;
-  g.w = p.w13;
-  g.w_rows = p.gated ? 2 * p.inter : p.inter;
-  g.k = p.hidden;
   g.cols.count = p.inter;
   if (p.gated) {
     g.cols.paired = true;
@@ -74,8 +71,6 @@ void up_projection(const DecodeParams& p, const Rows& rows) {
     g.cols.stride = interleaved ? 2 : 1;
     g.cols.up = interleaved ? 1 : p.inter;
   }
-  g.offsets = rows.offsets.data();
-  g.num_experts = p.num_local_experts;
   const T* bias = static_cast<const T*>(p.w13_bias);
   T* act = static_cast<T*>(p.act);
   const auto activate = epilogues().activate[elem_of<T>()][static_cast<int>(p.activation)];
@@ -91,14 +86,8 @@ void up_projection(const DecodeParams& p, const Rows& rows) {
 
 template <typename T>
 void down_projection(const DecodeParams& p, const Rows& rows) {
-  GemmShape g;
-  g.a = p.act;
-  g.w = p.w2;
-  g.w_rows = p.hidden;
-  g.k = p.inter;
-  g.cols.count = p.hidden;
-  g.offsets = rows.offsets.data();
-  g.num_experts = p.num_local_experts;
+  const GemmShape g = plain_gemm(p.act, p.w2, p.hidden, p.inter, rows.offsets.data(),
+                                 p.num_local_experts);
   grouped_gemm_store<T>(g, static_cast<const T*>(p.w2_bias), static_cast<T*>(p.y));
 }
 

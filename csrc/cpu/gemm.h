@@ -60,6 +60,20 @@ struct GemmShape {
   int num_experts = 0;
 };
 
+// The plain case: n output columns, column j from weight row j.
+inline GemmShape plain_gemm(const void* a, const void* w, int64_t n, int64_t k,
+                            const int32_t* offsets, int num_experts) {
+  GemmShape g;
+  g.a = a;
+  g.w = w;
+  g.w_rows = n;
+  g.k = k;
+  g.cols.count = n;
+  g.offsets = offsets;
+  g.num_experts = num_experts;
+  return g;
+}
+
 // What a tile hands its epilogue: rows [row, row + rows) of expert e and
 // output columns [col, col + count); sums[r * ld + j], and for paired
 // columns the up sums at up[r * ld + j].

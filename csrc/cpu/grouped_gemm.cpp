@@ -8,14 +8,7 @@ namespace fused_moe::cpu {
 void grouped_gemm(const GroupedGemmParams& p) {
   dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    GemmShape g;
-    g.a = p.a;
-    g.w = p.w;
-    g.w_rows = p.n;
-    g.k = p.k;
-    g.cols.count = p.n;
-    g.offsets = p.expert_offsets;
-    g.num_experts = p.num_experts;
+    const GemmShape g = plain_gemm(p.a, p.w, p.n, p.k, p.expert_offsets, p.num_experts);
     T* out = static_cast<T*>(p.out);
     grouped_gemm_store<T>(g, static_cast<const T*>(p.bias), out);
     const int64_t used = p.expert_offsets[p.num_experts];
