@@ -1,0 +1,165 @@
+"""Quantization schemes of the experts: what a quantized layer stores, and what
+its kernels are given.
+
+A scheme is a :class:`QuantConfig`. FP8 (e4m3fn) weights carry fp32 scales,
+``w = q * scale``, at one of three granularities:
+
+========  ============================================  =========================
+scheme    weight scale of w [E, N, K]                   activations
+========  ============================================  =========================
+block     [E, ceil(N / bn), ceil(K / bk)] (bn, bk)      dynamic, per token per bk
+channel   [E, N]                                        dynamic per token, or static
+tensor    [E]                                           static, or dynamic per tensor
+========  ============================================  =========================
+
+Every scale is ``max(amax, SCALE_EPS) / FP8_MAX`` of the values it covers and
+``q = saturate(x / scale)``, for weights (quantize_weight) and activations
+(the ``quantize_fp8`` op) alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SCALE_EPS = 1e-10  # the amax floor: an all-zero block gets a tiny scale, not 0
+WEIGHT_SCALES = ("block", "channel", "tensor")
+ACTIVATION_SCHEMES = ("dynamic", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """An FP8 scheme, named after vLLM's ``FusedMoEQuantConfig``.
+
+    weight_scale: "block" (block_shape = (bn, bk)), "channel" or "tensor".
+    activation_scheme: "dynamic" (scales computed per call) or "static"
+    (``a13_scale`` / ``a2_scale`` loaded from the checkpoint, tensor scheme).
+    per_act_token_quant: dynamic activations get one scale per token
+    (channel scheme) rather than one per tensor. Block scales quantize
+    activations per token per bk columns whatever this says.
+    """
+
+    weight_scale: str = "block"
+    block_shape: tuple[int, int] | None = (128, 128)
+    activation_scheme: str = "dynamic"
+    per_act_token_quant: bool = False
+
+    def __post_init__(self):
+        if self.weight_scale not in WEIGHT_SCALES:
+            raise ValueError(f"QuantConfig: weight_scale must be one of {WEIGHT_SCALES}, "
+                             f"got {self.weight_scale!r}")
+        if self.activation_scheme not in ACTIVATION_SCHEMES:
+            raise ValueError(f"QuantConfig: activation_scheme must be one of "
+                             f"{ACTIVATION_SCHEMES}, got {self.activation_scheme!r}")
+        if self.weight_scale == "block":
+            shape = self.block_shape
+            if shape is None or len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"QuantConfig: block scales need block_shape (bn, bk) of "
+                                 f"positive ints, got {shape!r}")
+            object.__setattr__(self, "block_shape", (int(shape[0]), int(shape[1])))
+            if self.activation_scheme != "dynamic":
+                raise ValueError("QuantConfig: block scales quantize activations dynamically; "
+                                 "got activation_scheme='static'")
+        elif self.block_shape is not None:
+            object.__setattr__(self, "block_shape", None)
+
+    @classmethod
+    def fp8_block(cls, block_shape=(128, 128)) -> QuantConfig:
+        return cls("block", tuple(block_shape))
+
+    @classmethod
+    def fp8_channel(cls, activation_scheme="dynamic") -> QuantConfig:
+        return cls("channel", None, activation_scheme, activation_scheme == "dynamic")
+
+    @classmethod
+    def fp8_tensor(cls, activation_scheme="static") -> QuantConfig:
+        return cls("tensor", None, activation_scheme, False)
+
+    @property
+    def static_activations(self) -> bool:
+        return self.activation_scheme == "static"
+
+    def kernel_kwargs(self) -> dict:
+        """The scheme's keyword arguments of fused_experts (scales apart)."""
+        return {"block_shape": self.block_shape, "per_act_token_quant": self.per_act_token_quant}
+
+    def weight_scale_shape(self, num_experts: int, n: int, k: int) -> tuple[int, ...]:
+        """The fp32 scale tensor's shape for weights [num_experts, n, k]."""
+        if self.weight_scale == "block":
+            bn, bk = self.block_shape
+            return (num_experts, math.ceil(n / bn), math.ceil(k / bk))
+        if self.weight_scale == "channel":
+            return (num_experts, n)
+        return (num_experts,)
+
+
+# Names accepted for quant_config= where a QuantConfig is expected.
+_NAMED = {
+    "fp8": QuantConfig.fp8_block,
+    "fp8-block": QuantConfig.fp8_block,
+    "fp8-channel": QuantConfig.fp8_channel,
+    "fp8-tensor": lambda: QuantConfig.fp8_tensor("dynamic"),
+}
+
+
+def as_quant_config(spec) -> QuantConfig | None:
+    """None, a QuantConfig, or one of the names "fp8" (= "fp8-block"),
+    "fp8-block", "fp8-channel", "fp8-tensor" (dynamic activations)."""
+    if spec is None or isinstance(spec, QuantConfig):
+        return spec
+    if isinstance(spec, str) and spec in _NAMED:
+        return _NAMED[spec]()
+    raise ValueError(f"quant_config must be None, a QuantConfig or one of {sorted(_NAMED)}, "
+                     f"got {spec!r}")
+
+
+def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+    return amax.float().clamp(min=SCALE_EPS) / FP8_MAX
+
+
+def _saturate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_weight(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [E, N, K] (any float dtype) -> (fp8 [E, N, K], fp32 scales of
+    config.weight_scale_shape). Partial last blocks take the amax of what they hold."""
+    if w.dim() != 3:
+        raise ValueError(f"quantize_weight: w must be [E, N, K], got shape {tuple(w.shape)}")
+    e, n, k = w.shape
+    x = w.float()
+    if config.weight_scale == "tensor":
+        scale = _scale_of(x.abs().amax(dim=(1, 2)))
+        return _saturate(x, scale[:, None, None]), scale
+    if config.weight_scale == "channel":
+        scale = _scale_of(x.abs().amax(dim=2))
+        return _saturate(x, scale[:, :, None]), scale
+    bn, bk = config.block_shape
+    nb, kb = math.ceil(n / bn), math.ceil(k / bk)
+    padded = torch.nn.functional.pad(x.abs(), (0, kb * bk - k, 0, nb * bn - n))
+    scale = _scale_of(padded.view(e, nb, bn, kb, bk).amax(dim=(2, 4)))
+    full = scale.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]
+    return _saturate(x, full), scale
+
+
+def expand_weight_scale(scale: torch.Tensor, shape, block_shape=None) -> torch.Tensor:
+    """A weight scale broadcast to every element of weights of ``shape`` [E, N, K]."""
+    e, n, k = shape
+    s = scale.float()
+    if block_shape is not None:
+        bn, bk = block_shape
+        return s.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]
+    if s.dim() >= 2 and s.shape[1] == n and n != 1:
+        return s.reshape(e, n, 1).expand(e, n, k)
+    return s.reshape(e, 1, 1).expand(e, n, k)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block_shape=None,
+                      dtype=torch.float32) -> torch.Tensor:
+    """fp8 weights [E, N, K] and their scales (block when block_shape is given,
+    else channel [E, N] or tensor [E]) -> weights in ``dtype``."""
+    return (q.float() * expand_weight_scale(scale, q.shape, block_shape)).to(dtype)
