@@ -137,13 +137,30 @@ def _rel(out, ref):
 
 
 def _compare_logits(model, device, monkeypatch):
-    tokens = _tokens(device)
-    reference = _logits(model, tokens)
+    """The largest relative difference of an FP8Experts module's output,
+    "fused_moe" against transformers' forward, each module fed the inputs it
+    got in transformers' run. (Whole logits are not compared: a tiny
+    difference in one layer can flip a later layer's top-k choice, which
+    then changes the logits by more than any kernel difference.)"""
+    experts = [m for m in model.modules() if isinstance(m, finegrained_fp8.FP8Experts)]
+    seen = {}
+
+    def record(module, args, out):  # returns None: the output stays as it is
+        seen.setdefault(module, (args, out.float().clone()))
+
+    hooks = [m.register_forward_hook(record) for m in experts]
+    _logits(model, _tokens(device))
+    for hook in hooks:
+        hook.remove()
+    assert set(seen) == set(experts), "an FP8Experts module did not run"
     calls = _expect_fused_calls(monkeypatch)
     model.set_experts_implementation("fused_moe")
-    fused = _logits(model, tokens)
-    assert len(calls) == sum(isinstance(m, finegrained_fp8.FP8Experts) for m in model.modules())
-    return _rel(fused, reference)
+    worst = 0.0
+    with torch.no_grad():
+        for module, (args, reference) in seen.items():
+            worst = max(worst, _rel(module(*args), reference))
+    assert len(calls) == len(experts)
+    return worst
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

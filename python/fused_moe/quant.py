@@ -127,22 +127,30 @@ def _saturate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_weight(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [E, N, K] (any float dtype) -> (fp8 [E, N, K], fp32 scales of
-    config.weight_scale_shape). Partial last blocks take the amax of what they hold."""
+    config.weight_scale_shape). Partial last blocks take the amax of what they
+    hold. One expert at a time, so the float temporaries stay one expert's size."""
     if w.dim() != 3:
         raise ValueError(f"quantize_weight: w must be [E, N, K], got shape {tuple(w.shape)}")
-    e, n, k = w.shape
-    x = w.float()
+    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(config.weight_scale_shape(*w.shape), dtype=torch.float32, device=w.device)
+    for e in range(w.shape[0]):
+        q[e], scale[e] = _quantize_expert(w[e].float(), config)
+    return q, scale
+
+
+def _quantize_expert(x: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = x.shape
     if config.weight_scale == "tensor":
-        scale = _scale_of(x.abs().amax(dim=(1, 2)))
-        return _saturate(x, scale[:, None, None]), scale
+        scale = _scale_of(x.abs().amax())
+        return _saturate(x, scale), scale
     if config.weight_scale == "channel":
-        scale = _scale_of(x.abs().amax(dim=2))
-        return _saturate(x, scale[:, :, None]), scale
+        scale = _scale_of(x.abs().amax(dim=1))
+        return _saturate(x, scale[:, None]), scale
     bn, bk = config.block_shape
     nb, kb = math.ceil(n / bn), math.ceil(k / bk)
     padded = torch.nn.functional.pad(x.abs(), (0, kb * bk - k, 0, nb * bn - n))
-    scale = _scale_of(padded.view(e, nb, bn, kb, bk).amax(dim=(2, 4)))
-    full = scale.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]
+    scale = _scale_of(padded.view(nb, bn, kb, bk).amax(dim=(1, 3)))
+    full = scale.repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
     return _saturate(x, full), scale
 
 
