@@ -43,6 +43,9 @@ def main() -> None:
     results = bench.run(shapes, ms, impls=impls, ceilings=ceilings, rounds=args.rounds,
                         row_pad=args.row_pad)
     print(bench.format_table(results))
+    targets = bench.format_targets(results)
+    if targets:
+        print(targets)
     if args.json:
         bench.write_json(args.json, ceilings=vars(ceilings), results=results)
 

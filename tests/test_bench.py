@@ -91,3 +91,25 @@ def test_padded_weight_rows_are_views_and_still_checked():
     rows = bench.run_point("tiny", (4, 2, 32, 24), 3, impls=("fused_moe", "loop"), device="cpu",
                            row_pad=5)
     assert all(r["ok"] and r["row_pad"] == 5 for r in rows)
+
+
+def test_targets_are_perf_md_tables():
+    assert set(bench.TARGETS_US["bf16"]) == set(bench.TARGETS_US["fp8"]) == set(bench.MODELS)
+    assert all(len(t) == len(bench.TOKENS) for table in bench.TARGETS_US.values() for t in table.values())
+    assert bench.target_us("deepseek-v3", 32) == 3484
+    assert bench.target_us("deepseek-v3", 32, "fp8-block") == 1771
+    assert bench.target_us("gpt-oss-120b", 8192, "fp8-tensor") == 1480
+    assert bench.target_us("deepseek-v3", 33) is None and bench.target_us("custom", 1) is None
+
+
+def test_targets_met_counts_fused_moe_rows():
+    def row(M, us, impl="fused_moe"):
+        return dict(shape="qwen3-30b-a3b", M=M, impl=impl, us=us, dtype="bf16", device="cuda",
+                    quant="fp8-block")
+    rows = [row(1, 14.0), row(1, 99.0, "grouped_mm"), row(8, 70.0), row(32, None)]
+    bench._add_targets(rows)
+    assert [r["meets_target"] for r in rows] == [True, None, False, False]
+    text = bench.format_targets(rows)
+    assert text.splitlines()[0] == "targets met: 1 of 3 (fp8-block; PERF.md's H200 targets)"
+    assert "qwen3-30b-a3b M=8: 70 us > 68 us" in text and "M=32: n/a > 150 us" in text
+    assert bench.format_targets([dict(row(1, 14.0), device="cpu", target_us=None)]) == ""

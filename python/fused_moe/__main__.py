@@ -141,6 +141,9 @@ def run_bench(args) -> None:
                         rounds=args.rounds[0])
     print(bench.format_table(results))
     print(bench.format_summary(results))
+    targets = bench.format_targets(results)
+    if targets:
+        print(targets)
     if args.json:
         bench.write_json(args.json, command=" ".join(["python -m fused_moe"] + sys.argv[1:]),
                          build=info_fields(),

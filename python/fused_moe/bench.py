@@ -55,6 +55,24 @@ LAYER_OPTIONS = {
 BIASED_ROUTING = ("deepseek-v3",)
 TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 IMPLS = ("fused_moe", "grouped_mm", "loop")
+# PERF.md's targets on an H200, in us, at each of TOKENS: "bf16" from its first
+# table, "fp8" from its "FP8 experts" table (the goal of every FP8 scheme).
+TARGETS_US = {
+    "bf16": {
+        "mixtral-8x7b": (195, 434, 695, 696, 779, 2270, 8500),
+        "qwen3-30b-a3b": (29, 138, 272, 311, 334, 383, 1047),
+        "qwen3-235b-a22b": (118, 484, 1061, 1192, 1194, 1520, 4187),
+        "deepseek-v3": (200, 1270, 3484, 5328, 5564, 5575, 9769),
+        "gpt-oss-120b": (78, 344, 994, 1559, 1572, 1577, 2760),
+    },
+    "fp8": {
+        "mixtral-8x7b": (103, 304, 348, 389, 391, 1309, 5238),
+        "qwen3-30b-a3b": (15, 68, 150, 165, 168, 194, 561),
+        "qwen3-235b-a22b": (55, 244, 535, 605, 668, 765, 2245),
+        "deepseek-v3": (91, 630, 1771, 2770, 2784, 3540, 5238),
+        "gpt-oss-120b": (39, 185, 562, 864, 879, 1002, 1480),
+    },
+}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 CPU_SHAPES = {"cpu-small": (8, 2, 256, 512), "qwen3-30b-a3b": MODELS["qwen3-30b-a3b"]}
@@ -293,6 +311,7 @@ def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | Non
                          pct_of_floor=None if floor is None else 100 * floor / us,
                          graph=device.type == "cuda" and _GRAPHED[impl], device=device.type))
     _add_speedups(rows)
+    _add_targets(rows)
     return rows
 
 
@@ -317,6 +336,23 @@ def _add_speedups(rows) -> None:
         mine = r["impl"] == "fused_moe" and fastest is not None
         r["best_peer"] = fastest["impl"] if mine else None
         r["vs_best_peer"] = fastest["us"] / r["us"] if mine else None
+
+
+def target_us(shape: str, M: int, quant: str = "none") -> float | None:
+    """PERF.md's target for fused_moe at a PERF.md point (bf16, or an FP8
+    scheme's name); None elsewhere."""
+    times = TARGETS_US["bf16" if quant == "none" else "fp8"].get(shape)
+    return times[TOKENS.index(M)] if times and M in TOKENS else None
+
+
+def _add_targets(rows) -> None:
+    """``target_us`` and ``meets_target`` on fused_moe's row at PERF.md's
+    points (bf16 activations, on a GPU), None elsewhere."""
+    for r in rows:
+        mine = r["impl"] == "fused_moe" and r["dtype"] == "bf16" and r["device"] == "cuda"
+        target = target_us(r["shape"], r["M"], r.get("quant", "none")) if mine else None
+        r["target_us"] = target
+        r["meets_target"] = None if target is None else r["us"] is not None and r["us"] <= target
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -406,12 +442,27 @@ def format_summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_targets(results: list[dict]) -> str:
+    """"targets met: N of T" for fused_moe at the points PERF.md sets a target
+    for (its H200 targets, unscaled), and the points over theirs; "" when none."""
+    rows = [r for r in results if r.get("target_us") is not None]
+    if not rows:
+        return ""
+    met = sum(bool(r["meets_target"]) for r in rows)
+    schemes = " and ".join(dict.fromkeys("bf16" if r.get("quant", "none") == "none" else r["quant"]
+                                         for r in rows))
+    lines = [f"targets met: {met} of {len(rows)} ({schemes}; PERF.md's H200 targets)"]
+    lines += [f"  over: {r['shape']} M={r['M']}: {_fmt(r['us'], '.0f', ' us', 'n/a')} > "
+              f"{r['target_us']:.0f} us" for r in rows if not r["meets_target"]]
+    return "\n".join(lines)
+
+
 def _same_point(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] for k in ("shape", "E", "K", "H", "I", "M", "dtype"))
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else format(value, spec) + suffix
+def _fmt(value, spec: str, suffix: str = "", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec) + suffix
 
 
 # --- records --------------------------------------------------------------------------
