@@ -285,3 +285,35 @@ def test_bench_moe_checks_its_flags():
         result = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+CONTRACT_KWARGS = {  # per scheme: the FP8 keyword arguments of fused_experts and their shapes
+    "fp8-block": dict(w13_scale=(4, 2, 2), w2_scale=(4, 2, 1), block_shape=(128, 128),
+                      per_act_token_quant=False),
+    "fp8-channel": dict(w13_scale=(4, 256), w2_scale=(4, 256), block_shape=None,
+                        per_act_token_quant=True),
+    "fp8-tensor": dict(w13_scale=(4,), w2_scale=(4,), a13_scale=(1,), a2_scale=(1,),
+                       block_shape=None, per_act_token_quant=False),
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(CONTRACT_KWARGS))
+def test_fused_moe_gets_the_contract_kwargs(monkeypatch, scheme):
+    """fused_moe's FP8 call as the contract has it, with a stand-in that
+    checks the arguments and computes on the dequantized weights."""
+    seen = []
+
+    def fp8_fused_experts(x, w13, w2, topk_weights, topk_ids, **kwargs):
+        assert w13.dtype == w2.dtype == quant.FP8_DTYPE and w13.shape == (4, 256, 256)
+        shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        seen.append(shapes)
+        block = kwargs["block_shape"]
+        w13, w2 = (quant.dequantize_weight(w, kwargs[name], block, x.dtype)
+                   for w, name in ((w13, "w13_scale"), (w2, "w2_scale")))
+        return bench.loop_experts(x, w13, w2, topk_weights, topk_ids)
+
+    monkeypatch.setattr(bench, "_FUNCTIONS", {**bench._FUNCTIONS, "fused_moe": fp8_fused_experts})
+    rows = bench.run_point("tiny", TINY, 7, device="cpu", dtype=torch.bfloat16, quant=scheme)
+    assert seen[0] == CONTRACT_KWARGS[scheme]
+    assert [r["impl"] for r in rows] == list(bench.QUANT_IMPLS_CPU) and all(r["ok"] for r in rows)
+    assert rows[0]["rel_diff"] <= bench.CHECK_RTOL_FP8 and rows[0]["weights"] == scheme
