@@ -253,11 +253,13 @@ def test_cpu_fp8_point(scheme):
 
 @needs_fp8_ops
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
-def test_cli_quant_writes_json(tmp_path, capsys, scheme):
+def test_cli_quant_writes_json(tmp_path, capsys, monkeypatch, scheme):
     out = tmp_path / "bench.json"
-    assert cli_main([*TINY_ARGS, "--quant", scheme, "--rounds", "2", "--json", str(out)]) == 0
+    argv = [*TINY_ARGS, "--quant", scheme, "--rounds", "2", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", ["fused_moe", *argv])  # the record's command line
+    assert cli_main(argv) == 0
     record = json.loads(out.read_text())
-    assert record["quant"] == scheme and record["command"].endswith(f"--json {out}")
+    assert record["quant"] == scheme and record["command"] == " ".join(["python -m fused_moe", *argv])
     rows = record["results"]
     assert [(r["M"], r["impl"]) for r in rows] == [
         (m, impl) for m in (1, 5) for impl in bench.QUANT_IMPLS_CPU]
