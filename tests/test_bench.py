@@ -20,9 +20,6 @@ from fused_moe.__main__ import main as cli_main
 
 TINY = (4, 2, 256, 128)  # H and I a multiple of 128: whole 128x128 blocks
 TINY_ARGS = ["bench", "--shape", "4,2,256,128", "--tokens", "1,5"]
-# The CPU FP8 ops of fused_experts (being added to main): the end-to-end runs need them.
-needs_fp8_ops = pytest.mark.skipif(not hasattr(fused_moe, "quantize_fp8"),
-                                   reason="fused_moe has no FP8 ops yet")
 
 
 def test_rounds_alternate_and_keep_the_best(monkeypatch):
@@ -235,7 +232,6 @@ def test_floors():
     assert "fp8 matmul 1600 TFLOP/s" in bench.describe_ceilings(ceilings)
 
 
-@needs_fp8_ops
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
 def test_cpu_fp8_point(scheme):
     rows = bench.run_point("tiny", TINY, 5, impls=bench.QUANT_IMPLS_CPU, device="cpu",
@@ -251,7 +247,6 @@ def test_cpu_fp8_point(scheme):
     assert bench.format_summary(rows).startswith(f"tiny M=5 bf16 {scheme}: fused_moe ")
 
 
-@needs_fp8_ops
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
 def test_cli_quant_writes_json(tmp_path, capsys, monkeypatch, scheme):
     out = tmp_path / "bench.json"
