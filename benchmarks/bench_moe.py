@@ -1,7 +1,11 @@
 """PERF.md's table: every MODELS shape x M, fused_moe beside torch._grouped_mm
-and a per-expert loop, measured by fused_moe.bench.
+and a per-expert loop, measured by fused_moe.bench; with --quant, PERF.md's
+FP8 table: fused_moe on FP8 weights beside fused_moe on the bf16 ones,
+torch._scaled_grouped_mm rowwise and torch._grouped_mm, against the FP8
+floor and targets.
 
-    python benchmarks/bench_moe.py [--models qwen3-30b-a3b,deepseek-v3] [--ms 1,8] [--rounds 3] [--json PATH]
+    python benchmarks/bench_moe.py [--models qwen3-30b-a3b,deepseek-v3] [--ms 1,8] [--rounds 3]
+        [--quant fp8-block] [--json PATH]
 """
 
 import argparse
@@ -16,8 +20,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(bench.MODELS),
                         help=f"comma-separated subset of {','.join(bench.MODELS)}")
-    parser.add_argument("--impls", default=",".join(bench.IMPLS),
-                        help=f"comma-separated subset of {','.join(bench.IMPLS)}")
+    parser.add_argument("--impls", help=f"comma-separated subset of {','.join(bench.IMPLS)} "
+                                         f"(default all), with --quant of {','.join(bench.QUANT_IMPLS)} "
+                                         "(default all but the loop)")
+    parser.add_argument("--quant", choices=bench.QUANTS, default="none",
+                        help="FP8 weights made from the bf16 ones (fp8-tensor: static activation "
+                             "scales); default none")
     parser.add_argument("--ms", default=",".join(map(str, bench.TOKENS)),
                         help="comma-separated token counts M")
     parser.add_argument("--rounds", type=int, default=1,
@@ -29,22 +37,29 @@ def main() -> None:
     unknown = set(args.models.split(",")) - set(bench.MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}")
+    impls = args.impls.split(",") if args.impls else bench.default_impls(args.quant, cuda=True)
+    try:
+        bench.check_impls(impls, args.quant)
+    except ValueError as error:
+        parser.error(str(error))
     if not torch.cuda.is_available():
         sys.exit("bench_moe.py needs a CUDA GPU (python -m fused_moe bench has a CPU mode)")
-    impls = args.impls.split(",")
     bench.check_device_support(impls)
-    ceilings = bench.measure_ceilings()
-    print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
-          f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    ceilings = bench.measure_ceilings(fp8=args.quant != "none")
+    print(f"{torch.cuda.get_device_name()}: {bench.describe_ceilings(ceilings)}")
     shapes = {name: bench.MODELS[name] for name in args.models.split(",")}
     ms = [int(m) for m in args.ms.split(",")]
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     results = bench.run(shapes, ms, impls=impls, ceilings=ceilings, rounds=args.rounds,
-                        row_pad=args.row_pad)
+                        row_pad=args.row_pad, quant=args.quant)
     print(bench.format_table(results))
+    print(bench.format_summary(results))
+    targets = bench.format_targets(results)
+    if targets:
+        print(targets)
     if args.json:
-        bench.write_json(args.json, ceilings=vars(ceilings), results=results)
+        bench.write_json(args.json, quant=args.quant, ceilings=vars(ceilings), results=results)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,25 @@
 """fused_moe.bench: timing rounds (implementations take turns, each keeps its
-best median), the CPU mode's three implementations and their check, and the
-record writer."""
+best median), the CPU mode's three implementations and their check, the
+record writer, targets, rows of implementations that do not run, and the FP8
+schemes of --quant (weights, calibration, the torch._scaled_grouped_mm
+pipeline's layout, and CPU runs end to end)."""
 
 import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import fused_moe
-from fused_moe import bench
+from fused_moe import bench, quant
+from fused_moe.__main__ import main as cli_main
+
+TINY = (4, 2, 256, 128)  # H and I a multiple of 128: whole 128x128 blocks
+TINY_ARGS = ["bench", "--shape", "4,2,256,128", "--tokens", "1,5"]
 
 
 def test_rounds_alternate_and_keep_the_best(monkeypatch):
@@ -91,3 +101,216 @@ def test_padded_weight_rows_are_views_and_still_checked():
     rows = bench.run_point("tiny", (4, 2, 32, 24), 3, impls=("fused_moe", "loop"), device="cpu",
                            row_pad=5)
     assert all(r["ok"] and r["row_pad"] == 5 for r in rows)
+
+
+def test_targets_are_perf_md_tables():
+    assert set(bench.TARGETS_US["bf16"]) == set(bench.TARGETS_US["fp8"]) == set(bench.MODELS)
+    assert all(len(t) == len(bench.TOKENS) for table in bench.TARGETS_US.values() for t in table.values())
+    assert bench.target_us("deepseek-v3", 32) == 3484
+    assert bench.target_us("deepseek-v3", 32, "fp8-block") == 1771
+    assert bench.target_us("gpt-oss-120b", 8192, "fp8-tensor") == 1480
+    assert bench.target_us("deepseek-v3", 33) is None and bench.target_us("custom", 1) is None
+
+
+def test_targets_met_counts_fused_moe_rows():
+    def row(M, us, impl="fused_moe"):
+        return dict(shape="qwen3-30b-a3b", M=M, impl=impl, us=us, dtype="bf16", device="cuda",
+                    quant="fp8-block")
+    rows = [row(1, 14.0), row(1, 99.0, "grouped_mm"), row(8, 70.0), row(32, None)]
+    bench._add_targets(rows)
+    assert [r["meets_target"] for r in rows] == [True, None, False, False]
+    text = bench.format_targets(rows)
+    assert text.splitlines()[0] == "targets met: 1 of 3 (fp8-block; PERF.md's H200 targets)"
+    assert "qwen3-30b-a3b M=8: 70 us > 68 us" in text and "M=32: n/a > 150 us" in text
+    assert bench.format_targets([dict(row(1, 14.0), device="cpu", target_us=None)]) == ""
+
+
+def test_quant_schemes():
+    assert bench.quant_config("none") is None
+    assert bench.quant_config("fp8-block") == quant.QuantConfig.fp8_block((128, 128))
+    assert bench.quant_config(bench.ROWWISE_NAME) == bench.ROWWISE
+    tensor = bench.quant_config("fp8-tensor")
+    assert tensor.weight_scale == "tensor" and tensor.static_activations
+    assert bench.QUANTS[0] == "none" and set(bench.QUANTS[1:]) <= set(quant._NAMED)
+
+
+def test_impls_need_a_scheme_for_the_fp8_peers():
+    bench.check_impls(bench.IMPLS)
+    bench.check_impls(bench.QUANT_IMPLS, "fp8-block")
+    with pytest.raises(ValueError, match="scaled_grouped_mm needs an FP8 scheme"):
+        bench.check_impls(["fused_moe", "scaled_grouped_mm"])
+    with pytest.raises(ValueError, match="unknown implementations"):
+        bench.check_impls(["vllm"], "fp8-block")
+    with pytest.raises(ValueError, match="unknown quant"):
+        bench.check_impls(["fused_moe"], "int4")
+    assert bench.default_impls() == bench.IMPLS
+    assert bench.default_impls("fp8-block", cuda=True) == (
+        "fused_moe", "fused_moe-bf16", "scaled_grouped_mm", "grouped_mm")
+    assert bench.default_impls("fp8-block", cuda=False) == bench.QUANT_IMPLS_CPU
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
+def test_weights_quantized_a_few_experts_at_a_time(monkeypatch, scheme):
+    config = bench.quant_config(scheme)
+    w = torch.randn(5, 40, 300, dtype=torch.bfloat16)
+    whole = quant.quantize_weight(w, config)
+    monkeypatch.setattr(bench, "QUANT_CHUNK", 2 * 40 * 300)  # two experts a chunk
+    q, scale = bench.quantize_by_expert(w, config)
+    assert q.dtype == quant.FP8_DTYPE and torch.equal(q.view(torch.uint8), whole[0].view(torch.uint8))
+    assert torch.equal(scale, whole[1])
+
+
+def test_static_scales_calibrate_x_and_the_activation():
+    x, w13, w2, weights, ids = bench.make_inputs(*TINY, 9, "cpu", torch.bfloat16)
+    a13, a2 = bench.static_activation_scales(x, w13, ids)
+    assert a13.shape == a2.shape == (1,) and a13.dtype == a2.dtype == torch.float32
+    assert a13.item() == pytest.approx(x.abs().max().item() / quant.FP8_MAX)
+    act = torch.cat([bench._silu_and_mul(x[(ids == e).nonzero()[:, 0]] @ w13[e].T)
+                     for e in range(4)])
+    assert a2.item() == pytest.approx(act.abs().max().float().item() / quant.FP8_MAX, rel=1e-2)
+    kwargs = bench.quantize_experts(x, w13, w2, ids, bench.quant_config("fp8-tensor")).kwargs
+    assert torch.equal(kwargs["a13_scale"], a13) and kwargs["w13_scale"].shape == (4,)
+    assert "a13_scale" not in bench.quantize_experts(x, w13, w2, ids, bench.ROWWISE).kwargs
+
+
+def _emulated_scaled_grouped_mm(a, b, scale_a, scale_b, offs=None, out_dtype=None,
+                                use_fast_accum=False):
+    """torch._scaled_grouped_mm's 2D x 3D rowwise case on the CPU, with the
+    checks its CUDA kernel makes of its arguments."""
+    assert a.dtype == b.dtype == quant.FP8_DTYPE and out_dtype == torch.bfloat16
+    assert a.is_contiguous() and b.stride(1) == 1  # a row-major, b [E, K, N] column-major
+    assert scale_a.shape == (a.shape[0],) and scale_a.is_contiguous()
+    assert scale_b.shape == (b.shape[0], b.shape[2]) and scale_b.stride(1) == 1
+    assert offs.dtype == torch.int32 and a.shape[1] % 16 == 0 and b.shape[2] % 16 == 0
+    rows = (a.float() * scale_a[:, None]).to(torch.bfloat16)
+    weights = (b.float() * scale_b[:, None, :]).to(torch.bfloat16)
+    return torch._grouped_mm(rows, weights, offs=offs)
+
+
+def test_scaled_grouped_mm_pipeline_on_emulated_kernel(monkeypatch):
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", _emulated_scaled_grouped_mm)
+    args = bench.make_inputs(*TINY, 11, "cpu", torch.bfloat16, seed=2)
+    x, w13, w2, weights, ids = args
+    fp8 = bench._rowwise_experts(args, None, None)
+    assert set(fp8.kwargs) == {"w13_scale", "w2_scale"} and fp8.kwargs["w2_scale"].shape == (4, 256)
+    for fast in (False, True):
+        out = bench.scaled_grouped_mm_experts(x, fp8.w13, fp8.w2, weights, ids,
+                                              use_fast_accum=fast, **fp8.kwargs)
+        assert out.dtype == torch.bfloat16 and out.shape == x.shape
+        assert bench._rel_diff(out, bench.loop_experts(*args)) <= bench.CHECK_RTOL_FP8
+    rows = bench.run_point("tiny", TINY, 6, device="cpu", dtype=torch.bfloat16, quant="fp8-block",
+                           impls=("fused_moe-bf16", "scaled_grouped_mm", "loop"))
+    peer = rows[1]
+    assert peer["weights"] == "fp8-channel" and peer["ok"]
+    assert peer["variant"] in ("use_fast_accum=False", "use_fast_accum=True")
+
+
+def test_an_implementation_that_does_not_run_gets_an_na_row(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no kernel for this card. More text the row leaves out.")
+
+    monkeypatch.setattr(bench, "_FUNCTIONS", {**bench._FUNCTIONS, "grouped_mm": broken})
+    rows = bench.run_point("tiny", (4, 2, 32, 24), 3, device="cpu")
+    na = rows[1]
+    assert na["us"] is None and na["ok"] is None and na["error"] == "no kernel for this card"
+    assert rows[0]["ok"] and rows[0]["best_peer"] == "loop" and rows[0]["speedup"] is None
+    table = bench.format_table(rows)
+    assert "n/a: grouped_mm: no kernel for this card" in table
+    assert "grouped_mm n/a" in bench.format_summary(rows)
+
+
+def test_floors():
+    ceilings = bench.Ceilings(copy_gbps=4000, matmul_tflops=800, fp8_tflops=1600)
+    assert bench.floor_us(1600e6, 1, ceilings) == pytest.approx(2.0)
+    assert bench.floor_us(1600e6, 1, ceilings, fp8=True) == pytest.approx(1.0)
+    assert bench.floor_us(1, 8e6, ceilings, fp8=True) == pytest.approx(2.0)
+    assert bench.floor_us(1, 1, bench.Ceilings(4000, 800), fp8=True) is None
+    assert bench.floor_us(1, 1, None) is None
+    x, w13, w2, _, ids = bench.make_inputs(*TINY, 64, "cpu", torch.bfloat16)
+    assert bench.bytes_moved(ids, w13, w2, x, 1) == (bench.bytes_moved(ids, w13, w2, x)
+                                                      + 2 * x.numel() * 2) // 2
+    assert "fp8 matmul 1600 TFLOP/s" in bench.describe_ceilings(ceilings)
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
+def test_cpu_fp8_point(scheme):
+    rows = bench.run_point("tiny", TINY, 5, impls=bench.QUANT_IMPLS_CPU, device="cpu",
+                           dtype=torch.bfloat16, quant=scheme, rounds=2)
+    assert [r["impl"] for r in rows] == list(bench.QUANT_IMPLS_CPU)
+    assert [r["weights"] for r in rows] == [scheme, "bf16", "bf16"]
+    for r in rows:
+        assert r["us"] > 0 and r["ok"] and r["quant"] == scheme and r["error"] is None
+    fp8 = rows[0]
+    assert fp8["rel_diff"] <= bench.CHECK_RTOL_FP8 and fp8["vs_bf16"] == pytest.approx(
+        rows[1]["us"] / fp8["us"])
+    assert fp8["best_peer"] == "loop"  # fused_moe-bf16 is ours, not a peer
+    assert bench.format_summary(rows).startswith(f"tiny M=5 bf16 {scheme}: fused_moe ")
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
+def test_cli_quant_writes_json(tmp_path, capsys, monkeypatch, scheme):
+    out = tmp_path / "bench.json"
+    argv = [*TINY_ARGS, "--quant", scheme, "--rounds", "2", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", ["fused_moe", *argv])  # the record's command line
+    assert cli_main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["quant"] == scheme and record["command"] == " ".join(["python -m fused_moe", *argv])
+    rows = record["results"]
+    assert [(r["M"], r["impl"]) for r in rows] == [
+        (m, impl) for m in (1, 5) for impl in bench.QUANT_IMPLS_CPU]
+    assert all(r["ok"] and r["us"] > 0 and r["dtype"] == "bf16" for r in rows)
+    assert {"extra_mib", "weights", "variant", "vs_bf16", "target_us"} <= set(rows[0])
+    printed = capsys.readouterr().out
+    assert f"custom M=5 bf16 {scheme}: fused_moe " in printed and "over fused_moe-bf16" in printed
+
+
+def test_cli_quant_flags_are_checked(capsys):
+    for argv, message in (([*TINY_ARGS, "--quant", "int4"], "invalid choice: 'int4'"),
+                          ([*TINY_ARGS, "--impl", "scaled_grouped_mm"], "needs an FP8 scheme")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_moe_checks_its_flags():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(fused_moe.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    for argv, message in ((["--impls", "scaled_grouped_mm"], "needs an FP8 scheme"),
+                          (["--quant", "fp8-block", "--impls", "vllm"], "unknown implementations"),
+                          (["--quant", "fp8-blocks"], "invalid choice")):
+        result = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+CONTRACT_KWARGS = {  # per scheme: the FP8 keyword arguments of fused_experts and their shapes
+    "fp8-block": dict(w13_scale=(4, 2, 2), w2_scale=(4, 2, 1), block_shape=(128, 128),
+                      per_act_token_quant=False),
+    "fp8-channel": dict(w13_scale=(4, 256), w2_scale=(4, 256), block_shape=None,
+                        per_act_token_quant=True),
+    "fp8-tensor": dict(w13_scale=(4,), w2_scale=(4,), a13_scale=(1,), a2_scale=(1,),
+                       block_shape=None, per_act_token_quant=False),
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(CONTRACT_KWARGS))
+def test_fused_moe_gets_the_contract_kwargs(monkeypatch, scheme):
+    """fused_moe's FP8 call as the contract has it, with a stand-in that
+    checks the arguments and computes on the dequantized weights."""
+    seen = []
+
+    def fp8_fused_experts(x, w13, w2, topk_weights, topk_ids, **kwargs):
+        assert w13.dtype == w2.dtype == quant.FP8_DTYPE and w13.shape == (4, 256, 256)
+        shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        seen.append(shapes)
+        block = kwargs["block_shape"]
+        w13, w2 = (quant.dequantize_weight(w, kwargs[name], block, x.dtype)
+                   for w, name in ((w13, "w13_scale"), (w2, "w2_scale")))
+        return bench.loop_experts(x, w13, w2, topk_weights, topk_ids)
+
+    monkeypatch.setattr(bench, "_FUNCTIONS", {**bench._FUNCTIONS, "fused_moe": fp8_fused_experts})
+    rows = bench.run_point("tiny", TINY, 7, device="cpu", dtype=torch.bfloat16, quant=scheme)
+    assert seen[0] == CONTRACT_KWARGS[scheme]
+    assert [r["impl"] for r in rows] == list(bench.QUANT_IMPLS_CPU) and all(r["ok"] for r in rows)
+    assert rows[0]["rel_diff"] <= bench.CHECK_RTOL_FP8 and rows[0]["weights"] == scheme

@@ -89,8 +89,16 @@ def add_bench_parser(commands) -> None:
     parser.add_argument("--tokens", type=_ints(), metavar="M,M,...",
                         help=f"token counts (default {','.join(map(str, bench.TOKENS))}; "
                              f"on CPU {','.join(map(str, bench.CPU_TOKENS))})")
-    parser.add_argument("--impl", type=_names(bench.IMPLS), metavar="NAME,...",
-                        help=f"implementations to time, of {','.join(bench.IMPLS)} (default all)")
+    parser.add_argument("--impl", type=_names(bench.QUANT_IMPLS), metavar="NAME,...",
+                        help=f"implementations to time, of {','.join(bench.IMPLS)} (default all); "
+                             "with --quant also fused_moe-bf16 (fused_moe on the bf16 weights) and "
+                             "scaled_grouped_mm (torch._scaled_grouped_mm rowwise, GPU only), by "
+                             "default all but the loop on a GPU, "
+                             f"{','.join(bench.QUANT_IMPLS_CPU)} on CPU")
+    parser.add_argument("--quant", choices=bench.QUANTS, default="none",
+                        help="time fused_moe on FP8 weights quantized from the bf16 ones: 128x128 "
+                             "block, per-channel or per-tensor scales (fp8-tensor with static "
+                             "activation scales), beside the bf16 peers (default none)")
     parser.add_argument("--dtype", type=_names(bench.DTYPES), metavar="NAME,...",
                         help=f"dtypes, of {','.join(bench.DTYPES)} (default bf16; on CPU "
                              f"{','.join(bench.CPU_DTYPES)})")
@@ -98,7 +106,7 @@ def add_bench_parser(commands) -> None:
                         help="take N medians per implementation, in turns, and keep the best (default 1)")
     parser.add_argument("--json", metavar="FILE", help="write the results, card and date as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot time against tokens (needs matplotlib)")
-    parser.set_defaults(run=run_bench)
+    parser.set_defaults(run=run_bench, parser=parser)
 
 
 def _ints(count: int | None = None):
@@ -130,20 +138,26 @@ def run_bench(args) -> None:
         print("No GPU found: CPU mode (wall-clock medians, no CUDA graphs, no floor).")
     shapes = _shapes(args, cuda)
     tokens = args.tokens or (bench.TOKENS if cuda else bench.CPU_TOKENS)
-    impls = args.impl or bench.IMPLS
+    impls = args.impl or bench.default_impls(args.quant, cuda)
+    try:
+        bench.check_impls(impls, args.quant)
+    except ValueError as error:
+        args.parser.error(str(error))
     ceilings = None
     if cuda:
         bench.check_device_support(impls)
-        ceilings = bench.measure_ceilings()
-        print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
-              f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+        ceilings = bench.measure_ceilings(fp8=args.quant != "none")
+        print(f"{torch.cuda.get_device_name()}: {bench.describe_ceilings(ceilings)}")
     results = bench.run(shapes, tokens, impls=impls, dtypes=args.dtype, ceilings=ceilings,
-                        rounds=args.rounds[0])
+                        rounds=args.rounds[0], quant=args.quant)
     print(bench.format_table(results))
     print(bench.format_summary(results))
+    targets = bench.format_targets(results)
+    if targets:
+        print(targets)
     if args.json:
         bench.write_json(args.json, command=" ".join(["python -m fused_moe"] + sys.argv[1:]),
-                         build=info_fields(),
+                         build=info_fields(), quant=args.quant,
                          ceilings=None if ceilings is None else vars(ceilings), results=results)
     if args.plot:
         _plot(results, args.plot)
@@ -172,7 +186,8 @@ def _plot(results: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for line in dict.fromkeys((r["shape"], r["dtype"], r["impl"]) for r in results):
-        points = [(r["M"], r["us"]) for r in results if (r["shape"], r["dtype"], r["impl"]) == line]
+        points = [(r["M"], r["us"]) for r in results
+                  if (r["shape"], r["dtype"], r["impl"]) == line and r["us"] is not None]
         ax.plot(*zip(*points), marker="o", label=" ".join(line))
     ax.set(xscale="log", yscale="log", xlabel="tokens (M)", ylabel="time (us)",
            title="MoE experts forward")

@@ -13,6 +13,14 @@ wall-clock medians (no graphs, no floor) of the same three implementations:
 on the CPU, torch._grouped_mm is what transformers' ``grouped_mm`` experts
 run (through torch.nn.functional.grouped_mm).
 
+With an FP8 scheme (``quant``, one of QUANTS) the bf16 weights are quantized
+by fused_moe.quant and timed beside them: fused_moe's FP8 experts, its bf16
+experts on the unquantized weights ("fused_moe-bf16"), and on a GPU torch's
+FP8 peer (torch._scaled_grouped_mm rowwise) and torch._grouped_mm. The floor
+is then PERF.md's FP8 floor: FLOPs / fp8 matmul rate against fp8 weight
+bytes + bf16 x and out / copy bandwidth. On a GPU each implementation also
+reports the memory one call allocates at its peak (``extra_mib``).
+
 Also the one table of model shapes (MODELS, LAYER_OPTIONS) and the one
 writer of benchmark records (write_json) that the benchmarks/ scripts use.
 """
@@ -27,13 +35,15 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .experts import fused_experts
+from .quant import FP8_DTYPE, QuantConfig, _scale_of, as_quant_config, quantize_weight
 
 # (E, K, H, I) of the PERF.md shapes: the one table, which benchmarks and tests import.
 MODELS = {
@@ -55,6 +65,36 @@ LAYER_OPTIONS = {
 BIASED_ROUTING = ("deepseek-v3",)
 TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 IMPLS = ("fused_moe", "grouped_mm", "loop")
+# The FP8 schemes of --quant ("fp8-tensor" with static activation scales), and
+# what is timed with one: fused_moe on fp8 weights, fused_moe on the bf16 ones,
+# torch's FP8 and bf16 pipelines, the per-expert loop (bf16).
+QUANTS = ("none", "fp8-block", "fp8-channel", "fp8-tensor")
+QUANT_IMPLS = ("fused_moe", "fused_moe-bf16", "scaled_grouped_mm", "grouped_mm", "loop")
+QUANT_IMPLS_CPU = ("fused_moe", "fused_moe-bf16", "loop")
+OURS = ("fused_moe", "fused_moe-bf16")
+# torch._scaled_grouped_mm's only Hopper scheme: fp8 weights with a scale per
+# output channel, rows quantized per token.
+ROWWISE = QuantConfig.fp8_channel()
+ROWWISE_NAME = "fp8-channel"  # its name in QUANTS
+QUANT_CHUNK = 1 << 26  # weight elements quantized at a time (fp32 temporaries of 256 MiB)
+# PERF.md's targets on an H200, in us, at each of TOKENS: "bf16" from its first
+# table, "fp8" from its "FP8 experts" table (the goal of every FP8 scheme).
+TARGETS_US = {
+    "bf16": {
+        "mixtral-8x7b": (195, 434, 695, 696, 779, 2270, 8500),
+        "qwen3-30b-a3b": (29, 138, 272, 311, 334, 383, 1047),
+        "qwen3-235b-a22b": (118, 484, 1061, 1192, 1194, 1520, 4187),
+        "deepseek-v3": (200, 1270, 3484, 5328, 5564, 5575, 9769),
+        "gpt-oss-120b": (78, 344, 994, 1559, 1572, 1577, 2760),
+    },
+    "fp8": {
+        "mixtral-8x7b": (103, 304, 348, 389, 391, 1309, 5238),
+        "qwen3-30b-a3b": (15, 68, 150, 165, 168, 194, 561),
+        "qwen3-235b-a22b": (55, 244, 535, 605, 668, 765, 2245),
+        "deepseek-v3": (91, 630, 1771, 2770, 2784, 3540, 5238),
+        "gpt-oss-120b": (39, 185, 562, 864, 879, 1002, 1480),
+    },
+}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 CPU_SHAPES = {"cpu-small": (8, 2, 256, 512), "qwen3-30b-a3b": MODELS["qwen3-30b-a3b"]}
@@ -70,6 +110,10 @@ FLUSH_BYTES = 64 << 20
 # each rounds its intermediates in its own order; in fp32 only the summation
 # order differs.
 CHECK_RTOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
+# An FP8 implementation against the loop on the unquantized weights: e4m3's
+# rounding of both GEMMs' operands alone is about 6.5e-2 in every scheme (a
+# float64 emulation of each at PERF.md's inputs); twice that flags a wrong one.
+CHECK_RTOL_FP8 = 1.25e-1
 LOOP_NOTE = ("loop: per-expert loop timed without a CUDA graph (it reads the "
              "per-expert token counts on the host), so its launch gaps count")
 
@@ -78,15 +122,41 @@ LOOP_NOTE = ("loop: per-expert loop timed without a CUDA graph (it reads the "
 class Ceilings:
     copy_gbps: float      # device-to-device copy, read + write bytes
     matmul_tflops: float  # dense bf16 8192^3 matmul on random data
+    fp8_tflops: float | None = None  # dense fp8 8192^3 torch._scaled_mm, when measured
 
 
-def measure_ceilings(device: torch.device | str = "cuda") -> Ceilings:
-    """The card's copy bandwidth and dense bf16 matmul rate, measured now."""
+def measure_ceilings(device: torch.device | str = "cuda", fp8: bool = False) -> Ceilings:
+    """The card's copy bandwidth and dense bf16 matmul rate, measured now;
+    with ``fp8`` also its fp8 matmul rate (the FP8 floor's)."""
     copy = copy_gbps(device)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     mm_us = _median_event_us(lambda: a @ b, reps=20, warmup=3)
-    return Ceilings(copy_gbps=copy, matmul_tflops=2 * 8192**3 / mm_us / 1e6)
+    return Ceilings(copy_gbps=copy, matmul_tflops=2 * 8192**3 / mm_us / 1e6,
+                    fp8_tflops=fp8_matmul_tflops(device) if fp8 else None)
+
+
+def fp8_matmul_tflops(device: torch.device | str = "cuda") -> float | None:
+    """PERF.md's fp8 rate: an 8192^3 e4m3 torch._scaled_mm (tensor scales,
+    fast accumulation, bf16 out). None, with a warning, where it does not run."""
+    a = torch.randn(8192, 8192, device=device).to(FP8_DTYPE)
+    b = torch.randn(8192, 8192, device=device).to(FP8_DTYPE).t()  # column-major, as it needs
+    one = torch.ones((), device=device)
+    mm = partial(torch._scaled_mm, a, b, one, one, out_dtype=torch.bfloat16, use_fast_accum=True)
+    try:
+        mm()
+    except RuntimeError as error:
+        print(f"fp8 matmul rate not measured ({_first_line(error)}): no FP8 floor", file=sys.stderr)
+        return None
+    return 2 * 8192**3 / _median_event_us(mm, reps=20, warmup=3) / 1e6
+
+
+def describe_ceilings(ceilings: Ceilings) -> str:
+    text = (f"copy {ceilings.copy_gbps:.0f} GB/s (read+write), "
+            f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    if ceilings.fp8_tflops is not None:
+        text += f", fp8 matmul {ceilings.fp8_tflops:.0f} TFLOP/s"
+    return text
 
 
 def copy_gbps(device: torch.device | str = "cuda") -> float:
@@ -96,7 +166,7 @@ def copy_gbps(device: torch.device | str = "cuda") -> float:
     return 2 * src.numel() / _median_event_us(lambda: dst.copy_(src), reps=20, warmup=3) / 1e3
 
 
-# --- inputs and the two torch implementations --------------------------------------
+# --- inputs and the torch implementations --------------------------------------------
 
 
 def make_inputs(E: int, K: int, H: int, I: int, M: int, device, dtype=torch.bfloat16, seed: int = 0,
@@ -124,21 +194,59 @@ def _sorted_slots(topk_ids: torch.Tensor):
     return flat, order, order // topk_ids.shape[1]
 
 
-def grouped_mm_experts(x, w13, w2, topk_weights, topk_ids):
-    """The torch._grouped_mm pipeline of PERF.md: sort, gather, grouped GEMM,
-    SiLU-and-mul, grouped GEMM, weighted scatter-add. No host sync, so it
-    captures into a CUDA graph."""
+def _expert_groups(topk_ids: torch.Tensor, num_experts: int):
+    """(slot order grouped by expert, token of each sorted slot, int32 end of
+    each expert's rows in that order: the offs of torch's grouped GEMMs)."""
     flat, order, token = _sorted_slots(topk_ids)
     # scatter_add rather than bincount: bincount's output size is data-dependent.
-    counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offs)
+    return order, token, torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def _silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    return F.silu(gate) * up
+
+
+def _grouped_experts(x, topk_weights, topk_ids, gemm13, gemm2, num_experts: int):
+    """PERF.md's torch pipeline: sort, gather, grouped GEMM, SiLU-and-mul,
+    grouped GEMM, weighted scatter-add; each gemm(rows, offs). No host sync,
+    so it captures into a CUDA graph."""
+    order, token, offs = _expert_groups(topk_ids, num_experts)
+    y = gemm2(_silu_and_mul(gemm13(x[token], offs)), offs)
     y = y.float() * topk_weights.flatten()[order, None]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, token, y).to(x.dtype)
+
+
+def grouped_mm_experts(x, w13, w2, topk_weights, topk_ids):
+    """The torch._grouped_mm pipeline of PERF.md."""
+    return _grouped_experts(x, topk_weights, topk_ids, _grouped_mm(w13), _grouped_mm(w2),
+                            w13.shape[0])
+
+
+def scaled_grouped_mm_experts(x, w13, w2, topk_weights, topk_ids, *, w13_scale, w2_scale,
+                              use_fast_accum: bool = False):
+    """PERF.md's FP8 peer: the same pipeline on torch._scaled_grouped_mm
+    rowwise. w13, w2 fp8 with per-channel scales ([E, N], as ROWWISE makes
+    them); each GEMM's rows quantized per token in torch; bf16 GEMM outputs
+    (the only ones it has)."""
+    return _grouped_experts(x, topk_weights, topk_ids,
+                            _scaled_grouped_mm(w13, w13_scale, use_fast_accum),
+                            _scaled_grouped_mm(w2, w2_scale, use_fast_accum), w13.shape[0])
+
+
+def _grouped_mm(w):
+    return lambda rows, offs: torch._grouped_mm(rows, w.transpose(1, 2), offs=offs)
+
+
+def _scaled_grouped_mm(w, w_scale, use_fast_accum: bool):
+    def gemm(rows, offs):
+        q, scale = quantize_weight(rows[None], ROWWISE)  # [1, R, K]: a scale per row
+        return torch._scaled_grouped_mm(q[0], w.transpose(1, 2), scale[0], w_scale, offs=offs,
+                                        out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum)
+    return gemm
 
 
 def loop_experts(x, w13, w2, topk_weights, topk_ids):
@@ -160,8 +268,62 @@ def loop_experts(x, w13, w2, topk_weights, topk_ids):
     return out.to(x.dtype)
 
 
-_FUNCTIONS = {"fused_moe": fused_experts, "grouped_mm": grouped_mm_experts, "loop": loop_experts}
-_GRAPHED = {"fused_moe": True, "grouped_mm": True, "loop": False}
+_FUNCTIONS = {"fused_moe": fused_experts, "fused_moe-bf16": fused_experts,
+              "scaled_grouped_mm": scaled_grouped_mm_experts, "grouped_mm": grouped_mm_experts,
+              "loop": loop_experts}
+_GRAPHED = {"fused_moe": True, "fused_moe-bf16": True, "scaled_grouped_mm": True,
+            "grouped_mm": True, "loop": False}
+
+
+# --- FP8 weights ----------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedExperts:
+    w13: torch.Tensor
+    w2: torch.Tensor
+    kwargs: dict  # fused_experts' FP8 keyword arguments: the scales, the scheme's options
+
+
+def quant_config(name: str) -> QuantConfig | None:
+    """A QUANTS name's scheme: None for "none", else quant.as_quant_config's,
+    with static activation scales for fp8-tensor."""
+    if name == "none":
+        return None
+    config = as_quant_config(name)
+    return replace(config, activation_scheme="static") if config.weight_scale == "tensor" else config
+
+
+def quantize_experts(x, w13, w2, topk_ids, config: QuantConfig) -> QuantizedExperts:
+    """fp8 weights and fused_experts' keyword arguments for ``config``; static
+    activation scales calibrated on these inputs."""
+    (q13, s13), (q2, s2) = (quantize_by_expert(w, config) for w in (w13, w2))
+    kwargs = dict(w13_scale=s13, w2_scale=s2, **config.kernel_kwargs())
+    if config.static_activations:
+        kwargs["a13_scale"], kwargs["a2_scale"] = static_activation_scales(x, w13, topk_ids)
+    return QuantizedExperts(q13, q2, kwargs)
+
+
+def quantize_by_expert(w: torch.Tensor, config: QuantConfig):
+    """quantize_weight a few experts at a time: its fp32 temporaries of a whole
+    DeepSeek-V3 w13 would not fit on the card beside the weights."""
+    E, N, K = w.shape
+    step = max(1, QUANT_CHUNK // (N * K))
+    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    scales = []
+    for e in range(0, E, step):
+        q[e:e + step], scale = quantize_weight(w[e:e + step], config)
+        scales.append(scale)
+    return q, torch.cat(scales)
+
+
+def static_activation_scales(x, w13, topk_ids):
+    """A calibration pass on the unquantized weights: one fp32 scale [1] for
+    x and one for the gated activation (the second GEMM's input), each
+    max(amax, SCALE_EPS) / FP8_MAX."""
+    _, token, offs = _expert_groups(topk_ids, w13.shape[0])
+    act = _silu_and_mul(_grouped_mm(w13)(x[token], offs))
+    return tuple(_scale_of(t.abs().amax()).reshape(1) for t in (x, act))
 
 
 # --- floor --------------------------------------------------------------------------
@@ -172,11 +334,21 @@ def flops(K: int, H: int, I: int, M: int, gated: bool = True) -> int:
     return 2 * M * K * (3 if gated else 2) * H * I
 
 
-def bytes_moved(topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> int:
-    """Weights of every expert some token chose, plus x and out."""
+def bytes_moved(topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor,
+                weight_bytes: int | None = None) -> int:
+    """Weights of every expert some token chose, plus x and out; the weights at
+    ``weight_bytes`` an element (1 for fp8; default their own; scales left out)."""
     hit = torch.unique(topk_ids).numel()
-    per_expert = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    per_expert = (w13[0].numel() + w2[0].numel()) * (weight_bytes or w13.element_size())
     return hit * per_expert + 2 * x.numel() * x.element_size()
+
+
+def floor_us(work: int, moved: int, ceilings: Ceilings | None, fp8: bool = False) -> float | None:
+    """max(FLOPs / matmul rate (fp8's with ``fp8``), bytes / copy bandwidth)."""
+    rate = None if ceilings is None else ceilings.fp8_tflops if fp8 else ceilings.matmul_tflops
+    if rate is None:
+        return None
+    return max(work / (rate * 1e6), moved / (ceilings.copy_gbps * 1e3))
 
 
 # --- timing -------------------------------------------------------------------------
@@ -231,15 +403,29 @@ def _median_cpu_us(fn, reps: int) -> float:
     return 1e6 * statistics.median(times)
 
 
-def _prepare(impl: str, args, device: torch.device):
+def _prepare(call, graphed: bool, device: torch.device):
     """(a no-argument call to time, its output): on the GPU a CUDA-graph replay
-    where the implementation allows one, else a plain call after a warm-up."""
-    call = lambda: _FUNCTIONS[impl](*args)  # noqa: E731
-    if device.type == "cuda" and _GRAPHED[impl]:
+    of ``call`` where ``graphed``, else a plain call after a warm-up."""
+    if device.type == "cuda" and graphed:
         graph, out = _capture(call)
         return graph.replay, out
     call()
     return call, call()
+
+
+def peak_extra_mib(call) -> float:
+    """The GPU memory one call of ``call`` allocates at its peak beyond what
+    was allocated before it, its output included, in MiB; after a warm-up
+    call, so that lazily made workspaces do not count."""
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = call()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    del out
+    return extra / 2**20
 
 
 def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -249,56 +435,136 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
 # --- one point, many points -----------------------------------------------------------
 
 
-def run_point(name: str, shape, M: int, *, impls=IMPLS, ceilings: Ceilings | None = None,
+def run_point(name: str, shape, M: int, *, impls=None, ceilings: Ceilings | None = None,
               device="cuda", replays: int = REPLAYS, rounds: int = 1,
-              dtype: torch.dtype | None = None, row_pad: int = 0) -> list[dict]:
-    """Times each implementation at one (shape, M, dtype), the best of `rounds`
-    medians taken in turns; returns one dict each.
+              dtype: torch.dtype | None = None, row_pad: int = 0, quant: str = "none") -> list[dict]:
+    """Times each implementation (default default_impls(quant)) at one
+    (shape, M, dtype), the best of `rounds` medians taken in turns; returns
+    one dict each.
 
     Every output is checked once against the per-expert loop (the plainest
     implementation), so each peer is checked against fused_moe through it;
     a mismatch is reported (``rel_diff``, ``ok``) and warned about, so one
-    wrong point does not hide the others. The dtype defaults to bf16 on the
-    GPU, float32 on "cpu", where times are wall-clock medians (see CPU_REPS)
-    and the floor fields are None.
+    wrong point does not hide the others. An implementation that does not
+    run here gets a row without times (``us`` None, ``error`` why). The
+    dtype defaults to bf16 on the GPU, float32 on "cpu", where times are
+    wall-clock medians (see CPU_REPS) and the floor and memory fields are
+    None. ``quant`` (of QUANTS): fused_moe on fp8 weights made from the bf16
+    ones (see quantize_experts); an implementation with variants (the
+    scaled_grouped_mm's use_fast_accum) keeps its fastest (``variant``).
     """
     E, K, H, I = shape
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    impls = tuple(impls or default_impls(quant, device.type == "cuda"))
     x, w13, w2, weights, ids = make_inputs(E, K, H, I, M, device, dtype, row_pad=row_pad)
     args = (x, w13, w2, weights, ids)
     reference = loop_experts(*args)
-    work, moved = flops(K, H, I, M), bytes_moved(ids, w13, w2, x)
-    floor = None
-    if ceilings is not None:
-        floor = max(work / (ceilings.matmul_tflops * 1e6), moved / (ceilings.copy_gbps * 1e3))
-    if device.type == "cuda":
-        flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
-        median = lambda step: _median_event_us(step, replays, flush)  # noqa: E731
-    else:
-        median = lambda step: _median_cpu_us(step, CPU_REPS)  # noqa: E731
-    prepared = {impl: _prepare(impl, args, device) for impl in impls}
-    best = {impl: math.inf for impl in impls}
-    for _ in range(rounds):
-        for impl, (step, _) in prepared.items():
-            best[impl] = min(best[impl], median(step))
-    point = dict(shape=name, E=E, K=K, H=H, I=I, M=M, dtype=_dtype_name(dtype), row_pad=row_pad)
+    config = quant_config(quant)
+    fp8 = quantize_experts(x, w13, w2, ids, config) if config and "fused_moe" in impls else None
+    rowwise = _rowwise_experts(args, fp8, config) if "scaled_grouped_mm" in impls else None
+    on_fp8 = {"scaled_grouped_mm": ROWWISE_NAME, **({"fused_moe": quant} if config else {})}
+    point = dict(shape=name, E=E, K=K, H=H, I=I, M=M, dtype=_dtype_name(dtype), quant=quant,
+                 row_pad=row_pad)
+    where = f"{name} M={M} {point['dtype']}" + ("" if config is None else f" {quant}")
+    steps, extra, errors = _prepare_all(
+        {impl: _calls(impl, args, fp8, rowwise) for impl in impls}, device, where)
+    best = _time_rounds(steps, _median_of(device, replays), rounds)
+    work = flops(K, H, I, M)
+    floor = floor_us(work, bytes_moved(ids, w13, w2, x, 1 if config else None), ceilings,
+                     fp8=config is not None)
     rows = []
     for impl in impls:
-        us, out = best[impl], prepared[impl][1]
-        diff = _check(impl, out, reference, f"{name} M={M} {point['dtype']}")
-        rows.append(dict(point, impl=impl, us=us, rel_diff=diff,
-                         ok=bool(diff <= CHECK_RTOL[dtype]),
-                         tflops=work / us / 1e6, gbps=moved / us / 1e3, floor_us=floor,
-                         pct_of_floor=None if floor is None else 100 * floor / us,
-                         graph=device.type == "cuda" and _GRAPHED[impl], device=device.type))
+        row = dict(point, impl=impl, weights=on_fp8.get(impl, point["dtype"]), variant=None,
+                   us=None, rel_diff=None, ok=None, tflops=None, gbps=None, floor_us=floor,
+                   pct_of_floor=None, extra_mib=extra.get(impl),
+                   graph=device.type == "cuda" and _GRAPHED[impl], device=device.type,
+                   error=errors.get(impl))
+        if impl not in errors:
+            variant = min((v for i, v in best if i == impl), key=lambda v: best[impl, v])
+            us, out = best[impl, variant], steps[impl, variant][1]
+            tolerance = CHECK_RTOL_FP8 if impl in on_fp8 else CHECK_RTOL[dtype]
+            diff = _check(impl, out, reference, where, tolerance)
+            moved = bytes_moved(ids, w13, w2, x, 1 if impl in on_fp8 else None)
+            row.update(variant=variant, us=us, rel_diff=diff, ok=bool(diff <= tolerance),
+                       tflops=work / us / 1e6, gbps=moved / us / 1e3,
+                       pct_of_floor=None if floor is None else 100 * floor / us)
+        rows.append(row)
     _add_speedups(rows)
+    _add_targets(rows)
     return rows
 
 
-def _check(impl, out, reference, where) -> float:
+def _rowwise_experts(args, fp8: QuantizedExperts | None, config) -> QuantizedExperts:
+    """scaled_grouped_mm's weights: fused_moe's when they are ROWWISE's, else
+    made by it; its keyword arguments the two scales."""
+    x, w13, w2, _, ids = args
+    if fp8 is None or config != ROWWISE:
+        fp8 = quantize_experts(x, w13, w2, ids, ROWWISE)
+    return QuantizedExperts(fp8.w13, fp8.w2, {k: fp8.kwargs[k] for k in ("w13_scale", "w2_scale")})
+
+
+def _calls(impl: str, args, fp8: QuantizedExperts | None, rowwise: QuantizedExperts | None) -> dict:
+    """{variant (None when it has one): a no-argument call} of one implementation."""
+    fn = _FUNCTIONS[impl]
+    x, _, _, weights, ids = args
+    if impl == "fused_moe" and fp8 is not None:
+        return {None: partial(fn, x, fp8.w13, fp8.w2, weights, ids, **fp8.kwargs)}
+    if impl == "scaled_grouped_mm":
+        return {f"use_fast_accum={fast}": partial(fn, x, rowwise.w13, rowwise.w2, weights, ids,
+                                                  use_fast_accum=fast, **rowwise.kwargs)
+                for fast in (False, True)}
+    return {None: partial(fn, *args)}
+
+
+def _prepare_all(calls: dict, device: torch.device, where: str):
+    """({(impl, variant): (step, output)}, {impl: peak extra MiB}, {impl: why
+    it does not run}) for {impl: {variant: call}}: a variant that fails is
+    left out, an implementation none of whose variants runs is an error."""
+    steps, extra, errors = {}, {}, {}
+    for impl, variants in calls.items():
+        failures = []
+        for variant, call in variants.items():
+            try:
+                if device.type == "cuda" and impl not in extra:
+                    extra[impl] = peak_extra_mib(call)
+                steps[impl, variant] = _prepare(call, _GRAPHED[impl], device)
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
+                failures.append(_first_line(error))
+        if len(failures) == len(variants):
+            errors[impl] = failures[0]
+            extra.pop(impl, None)
+            print(f"n/a: {impl} does not run at {where}: {errors[impl]}", file=sys.stderr)
+    return steps, extra, errors
+
+
+def _median_of(device: torch.device, replays: int):
+    """The timer of a point: CUDA-event medians of `replays` calls, L2 flushed
+    before each, on the GPU; wall-clock medians on the CPU."""
+    if device.type == "cuda":
+        flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+        return lambda step: _median_event_us(step, replays, flush)
+    return lambda step: _median_cpu_us(step, CPU_REPS)
+
+
+def _time_rounds(steps: dict, median, rounds: int) -> dict:
+    """{key: best of `rounds` medians}, every step timed once a round, in turns."""
+    best = dict.fromkeys(steps, math.inf)
+    for _ in range(rounds):
+        for key, (step, _) in steps.items():
+            best[key] = min(best[key], median(step))
+    return best
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """The error's first sentence, cut at ``limit`` characters."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check(impl, out, reference, where, tolerance) -> float:
     diff = _rel_diff(out, reference)
-    tolerance = CHECK_RTOL[reference.dtype]
     if not diff <= tolerance:
         print(f"WRONG: {impl} differs from the per-expert loop at {where}: relative Frobenius "
               f"distance {diff:.3g} > {tolerance}", file=sys.stderr)
@@ -307,16 +573,37 @@ def _check(impl, out, reference, where) -> float:
 
 def _add_speedups(rows) -> None:
     """``speedup``: grouped_mm's time over each one's. On fused_moe's row also
-    ``best_peer``, the fastest other implementation, and ``vs_best_peer``, its
-    time over fused_moe's."""
-    base = next((r["us"] for r in rows if r["impl"] == "grouped_mm"), None)
-    peers = [r for r in rows if r["impl"] != "fused_moe"]
-    fastest = min(peers, key=lambda r: r["us"], default=None)
+    ``best_peer``, the fastest implementation not ours, ``vs_best_peer``, its
+    time over fused_moe's, and ``vs_bf16``, fused_moe-bf16's over fused_moe's.
+    Rows without a time get None."""
+    timed = [r for r in rows if r["us"] is not None]
+    base = next((r["us"] for r in timed if r["impl"] == "grouped_mm"), None)
+    bf16 = next((r["us"] for r in timed if r["impl"] == "fused_moe-bf16"), None)
+    fastest = min((r for r in timed if r["impl"] not in OURS), key=lambda r: r["us"], default=None)
     for r in rows:
-        r["speedup"] = None if base is None else base / r["us"]
-        mine = r["impl"] == "fused_moe" and fastest is not None
-        r["best_peer"] = fastest["impl"] if mine else None
-        r["vs_best_peer"] = fastest["us"] / r["us"] if mine else None
+        us = r["us"]
+        mine = r["impl"] == "fused_moe" and us is not None
+        r["speedup"] = None if base is None or us is None else base / us
+        r["best_peer"] = fastest["impl"] if mine and fastest else None
+        r["vs_best_peer"] = fastest["us"] / us if mine and fastest else None
+        r["vs_bf16"] = bf16 / us if mine and bf16 else None
+
+
+def target_us(shape: str, M: int, quant: str = "none") -> float | None:
+    """PERF.md's target for fused_moe at a PERF.md point (bf16, or an FP8
+    scheme's name); None elsewhere."""
+    times = TARGETS_US["bf16" if quant == "none" else "fp8"].get(shape)
+    return times[TOKENS.index(M)] if times and M in TOKENS else None
+
+
+def _add_targets(rows) -> None:
+    """``target_us`` and ``meets_target`` on fused_moe's row at PERF.md's
+    points (bf16 activations, on a GPU), None elsewhere."""
+    for r in rows:
+        mine = r["impl"] == "fused_moe" and r["dtype"] == "bf16" and r["device"] == "cuda"
+        target = target_us(r["shape"], r["M"], r.get("quant", "none")) if mine else None
+        r["target_us"] = target
+        r["meets_target"] = None if target is None else r["us"] is not None and r["us"] <= target
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -324,31 +611,55 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return names[0] if names else str(dtype).removeprefix("torch.")
 
 
+def default_impls(quant: str = "none", cuda: bool | None = None) -> tuple[str, ...]:
+    """IMPLS; with an FP8 scheme QUANT_IMPLS (on a GPU, the loop only as the
+    reference) or QUANT_IMPLS_CPU."""
+    if quant == "none":
+        return IMPLS
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return tuple(i for i in QUANT_IMPLS if i != "loop") if cuda else QUANT_IMPLS_CPU
+
+
+def check_impls(impls, quant: str = "none") -> None:
+    """ValueError for an unknown scheme or implementation, or one that needs an FP8 scheme."""
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; choose from {','.join(QUANTS)}")
+    allowed = IMPLS if quant == "none" else QUANT_IMPLS
+    unknown = [i for i in impls if i not in allowed]
+    if unknown and set(unknown) <= set(QUANT_IMPLS):
+        raise ValueError(f"{','.join(unknown)} needs an FP8 scheme (--quant)")
+    if unknown:
+        raise ValueError(f"unknown implementations {unknown}; choose from {','.join(allowed)}")
+
+
 def check_device_support(impls) -> None:
     """Fails early, and clearly, when an implementation cannot run on this GPU."""
-    if "fused_moe" in impls and not torch._C._dispatch_has_kernel_for_dispatch_key(
+    if any(impl in OURS for impl in impls) and not torch._C._dispatch_has_kernel_for_dispatch_key(
             "fused_moe::fused_experts", "CUDA"):
         raise RuntimeError("fused_moe was built without CUDA kernels (see `python -m fused_moe "
                            "info`); rebuild it with nvcc, or leave fused_moe out of the impls")
 
 
-def run(shapes: dict, tokens, *, impls=IMPLS, dtypes=None, ceilings: Ceilings | None = None,
-        show_progress: bool = True, rounds: int = 1, row_pad: int = 0) -> list[dict]:
+def run(shapes: dict, tokens, *, impls=None, dtypes=None, ceilings: Ceilings | None = None,
+        show_progress: bool = True, rounds: int = 1, row_pad: int = 0,
+        quant: str = "none") -> list[dict]:
     """Every (shape, M, dtype) point, dtypes named as in DTYPES (default bf16
-    on the GPU, CPU_DTYPES on the CPU): on the GPU if there is one, else CPU mode."""
+    on the GPU or with an FP8 scheme, else CPU_DTYPES), impls by default
+    default_impls(quant): on the GPU if there is one, else CPU mode."""
     cuda = torch.cuda.is_available()
-    impls = tuple(impls or IMPLS)
-    dtypes = dtypes or (("bf16",) if cuda else CPU_DTYPES)
+    impls = tuple(impls or default_impls(quant, cuda))
+    check_impls(impls, quant)
+    dtypes = dtypes or (("bf16",) if cuda or quant != "none" else CPU_DTYPES)
     if cuda:
         check_device_support(impls)
-        ceilings = ceilings or measure_ceilings()
+        ceilings = ceilings or measure_ceilings(fp8=quant != "none")
     points = [(name, shape, dtype, M) for name, shape in shapes.items() for dtype in dtypes
               for M in tokens]
     results = []
     for name, shape, dtype, M in progress(points, desc="bench", enabled=show_progress):
         results += run_point(name, shape, M, impls=impls, ceilings=ceilings,
                              device="cuda" if cuda else "cpu", rounds=rounds,
-                             dtype=DTYPES[dtype], row_pad=row_pad)
+                             dtype=DTYPES[dtype], row_pad=row_pad, quant=quant)
         if cuda:
             torch.cuda.empty_cache()  # each point's weights and graph pools go before the next
     return results
@@ -374,21 +685,28 @@ def progress(items: list, desc: str, enabled: bool = True):
 
 
 def format_table(results: list[dict]) -> str:
-    """A fixed-width table, one row per (shape, M, dtype, impl)."""
-    head = ("shape", "E", "K", "H", "I", "M", "dtype", "impl", "us", "TFLOP/s", "GB/s",
-            "floor us", "% floor", "vs grouped_mm")
+    """A fixed-width table, one row per (shape, M, dtype, impl); "n/a" for an
+    implementation that did not run, with why below."""
+    head = ("shape", "E", "K", "H", "I", "M", "dtype", "weights", "impl", "us", "TFLOP/s", "GB/s",
+            "extra MiB", "floor us", "% floor", "vs grouped_mm")
     rows = [head] + [(
         r["shape"], str(r["E"]), str(r["K"]), str(r["H"]), str(r["I"]), str(r["M"]), r["dtype"],
-        r["impl"] + ("" if r["graph"] or r["device"] != "cuda" else " *"),
-        f"{r['us']:.1f}", f"{r['tflops']:.1f}", f"{r['gbps']:.0f}", _fmt(r["floor_us"], ".1f"),
-        _fmt(r["pct_of_floor"], ".0f"), _fmt(r["speedup"], ".2f", "x"),
+        r["weights"], r["impl"] + ("" if r["graph"] or r["device"] != "cuda" else " *"),
+        _fmt(r["us"], ".1f", missing="n/a"), _fmt(r["tflops"], ".1f"), _fmt(r["gbps"], ".0f"),
+        _fmt(r["extra_mib"], ".0f"), _fmt(r["floor_us"], ".1f"), _fmt(r["pct_of_floor"], ".0f"),
+        _fmt(r["speedup"], ".2f", "x"),
     ) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) if i >= 8 else cell.ljust(w) for i, (cell, w) in
+    first_number = head.index("us")
+    lines = ["  ".join(cell.rjust(w) if i >= first_number else cell.ljust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     if any(r["device"] == "cuda" and not r["graph"] for r in results):
         lines.append("* " + LOOP_NOTE)
+    if any(r["variant"] for r in results):
+        lines.append("scaled_grouped_mm: the faster of use_fast_accum False and True (JSON: variant)")
+    errors = dict.fromkeys((r["impl"], r["error"]) for r in results if r["error"])
+    lines += [f"n/a: {impl}: {error}" for impl, error in errors]
     return "\n".join(lines)
 
 
@@ -400,18 +718,37 @@ def format_summary(results: list[dict]) -> str:
         if r["best_peer"] is None:
             continue
         point = [p for p in results if _same_point(p, r)]
-        times = ", ".join(f"{p['impl']} {p['us']:.1f} us" for p in point)
-        lines.append(f"{r['shape']} M={r['M']} {r['dtype']}: {times}; fused_moe "
-                     f"{r['vs_best_peer']:.2f}x over the best peer ({r['best_peer']})")
+        times = ", ".join(f"{p['impl']} {_fmt(p['us'], '.1f', ' us', 'n/a')}" for p in point)
+        scheme = "" if r.get("quant", "none") == "none" else f" {r['quant']}"
+        line = (f"{r['shape']} M={r['M']} {r['dtype']}{scheme}: {times}; fused_moe "
+                f"{r['vs_best_peer']:.2f}x over the best peer ({r['best_peer']})")
+        if r.get("vs_bf16"):
+            line += f", {r['vs_bf16']:.2f}x over fused_moe-bf16"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_targets(results: list[dict]) -> str:
+    """"targets met: N of T" for fused_moe at the points PERF.md sets a target
+    for (its H200 targets, unscaled), and the points over theirs; "" when none."""
+    rows = [r for r in results if r.get("target_us") is not None]
+    if not rows:
+        return ""
+    met = sum(bool(r["meets_target"]) for r in rows)
+    schemes = " and ".join(dict.fromkeys("bf16" if r.get("quant", "none") == "none" else r["quant"]
+                                         for r in rows))
+    lines = [f"targets met: {met} of {len(rows)} ({schemes}; PERF.md's H200 targets)"]
+    lines += [f"  over: {r['shape']} M={r['M']}: {_fmt(r['us'], '.0f', ' us', 'n/a')} > "
+              f"{r['target_us']:.0f} us" for r in rows if not r["meets_target"]]
     return "\n".join(lines)
 
 
 def _same_point(a: dict, b: dict) -> bool:
-    return all(a[k] == b[k] for k in ("shape", "E", "K", "H", "I", "M", "dtype"))
+    return all(a.get(k) == b.get(k) for k in ("shape", "E", "K", "H", "I", "M", "dtype", "quant"))
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else format(value, spec) + suffix
+def _fmt(value, spec: str, suffix: str = "", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec) + suffix
 
 
 # --- records --------------------------------------------------------------------------
