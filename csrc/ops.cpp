@@ -515,9 +515,11 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
                   ": w13 must have 2 * intermediate_size rows when is_act_and_mul, got shape ",
                   shape_str(w13));
   Arg{op, "w2", w2}.expect({w_dtype}, {e_local, h, inter}, &hidden_states, "hidden_states");
-  for (OptTensor* t : {&w13_scale, &w2_scale, &a13_scale, &a2_scale})
-    if (*t) *t = dense(**t);
-  const FusedFp8 quant = fused_fp8(op, fp8, w13_scale, w2_scale, a13_scale, a2_scale, block_shape,
+  // Dense copies as locals: the arguments themselves stay as the caller gave them.
+  auto dense_opt = [](const OptTensor& t) { return t ? OptTensor(dense(*t)) : OptTensor(); };
+  const OptTensor w13_s = dense_opt(w13_scale), w2_s = dense_opt(w2_scale);
+  const OptTensor a13_s = dense_opt(a13_scale), a2_s = dense_opt(a2_scale);
+  const FusedFp8 quant = fused_fp8(op, fp8, w13_s, w2_s, a13_s, a2_s, block_shape,
                                    per_act_token_quant, hidden_states, w13, w2);
   // Checked in full here (the ops below check them again) because the decode
   // path reads them directly.
@@ -609,9 +611,9 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
     auto [q, scales] = quantize_fp8(x, quant.group_size, static_scale);
     return grouped_gemm(q, w, offsets, bias, scales, w_scale, block_shape, dtype);
   };
-  Tensor h13 = gemm(rows, w13, w13_scale, a13_scale, w13_bias);
+  Tensor h13 = gemm(rows, w13, w13_s, a13_s, w13_bias);
   Tensor act = activation(h13, activation_name, is_act_and_mul);
-  Tensor y = gemm(act, w2, w2_scale, a2_scale, w2_bias);
+  Tensor y = gemm(act, w2, w2_s, a2_s, w2_bias);
   return unpermute(y, inv, on_output);
 }
 

@@ -166,10 +166,12 @@ __device__ __forceinline__ void wait_for_prior_kernel() {
 #endif
 }
 
-// One lane's share of a stage: kUnroll packs of each of the kRows rows.
+// One lane's share of a stage: kUnroll packs of each of the kRows rows (and
+// with FP8 their scales, loaded with them so that no load waits in the MMA loop).
 template <typename W>
 struct Stage {
   Pack<W, kVec<W>> w[kUnroll][kRows];
+  float scale[kUnroll][kRows];
 };
 
 // The warp's dot products of `jobs` groups of kRows weight rows with vectors
@@ -182,14 +184,14 @@ struct Stage {
 //   vec(j, r):      the shared-memory vector (float or T) row r multiplies
 //   done(j, sums):  the job's kRows sums, reduced over the warp (every lane)
 //   scales(j, srow): FP8 weights (W = uint8_t, e4m3): srow[r], the scales of
-//                   row r of job j, one per `scale_cols` columns (a multiple
-//                   of 16: a pack's scale is the one of its first column);
+//                   row r of job j, one per 2^scale_shift columns (at least
+//                   16: a pack's scale is the one of its first column);
 //                   called by every lane
 // Weight rows are `packs` 16-byte packs long; vectors as many elements.
 template <typename W, typename Rows, typename Staging, typename Vec, typename Done, typename Scales>
 __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows rows,
                                             Staging stage, Vec vec, Done done, Scales scales,
-                                            int64_t scale_cols) {
+                                            int scale_shift) {
   constexpr int P = kVec<W>, kStep = 32 * kUnroll;
   constexpr bool kFp8 = std::is_same_v<W, uint8_t>;
   const int chunks = (packs + kStep - 1) / kStep, steps = jobs * chunks;
@@ -197,11 +199,16 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
     const int j = step / chunks, p0 = lane + (step - j * chunks) * kStep;
     const W* row[kRows];
     rows(j, row);
+    const float* srow[kRows] = {};
+    if constexpr (kFp8) scales(j, srow);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (p0 + 32 * u < packs) {
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) s.w[u][r] = load_streaming(row[r] + (p0 + 32 * u) * P);
+        for (int r = 0; r < kRows; ++r) {
+          s.w[u][r] = load_streaming(row[r] + (p0 + 32 * u) * P);
+          if constexpr (kFp8) s.scale[u][r] = srow[r][((p0 + 32 * u) * P) >> scale_shift];
+        }
       }
     }
   };
@@ -211,8 +218,6 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
     decltype(vec(0, 0)) v[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) v[r] = vec(j, r);
-    const float* srow[kRows] = {};
-    if constexpr (kFp8) scales(j, srow);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (p0 + 32 * u >= packs) break;
@@ -226,7 +231,7 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
           widen_fp8(s.w[u][r], w);
 #pragma unroll
           for (int q = 0; q < P; ++q) part = fmaf(w[q], x[q], part);
-          acc[r] = fmaf(part, srow[r][col / scale_cols], acc[r]);
+          acc[r] = fmaf(part, s.scale[u][r], acc[r]);
         } else {
 #pragma unroll
           for (int q = 0; q < P; ++q) acc[r] = fmaf(element(s.w[u][r], q), x[q], acc[r]);
@@ -251,6 +256,15 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
     if (step + 2 < steps) load(a, step + 2);
     consume(b, step + 1);
   }
+}
+
+// log2 of the columns per weight scale in rows of `cols`: 31 when one scale
+// covers the row, -1 when not a power of two of at least 16 (see fp8_fits).
+__host__ __device__ inline int scale_shift(const ScaleGrid& s, int64_t cols) {
+  if (s.cols_per >= cols) return 31;
+  int shift = 4;
+  while (shift < 31 && (int64_t(1) << shift) < s.cols_per) ++shift;
+  return (int64_t(1) << shift) == s.cols_per ? shift : -1;
 }
 
 // The scales of expert e's weight row `row`, one per s.cols_per columns.
@@ -336,7 +350,7 @@ __global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int job
       [&](int j, const float** srow) {
         for (int r = 0; r < kRows; ++r) srow[r] = scale_row(p.w13_scale, e, row_of(j, r));
       },
-      p.w13_scale.cols_per);
+      scale_shift(p.w13_scale, p.hidden));
 }
 
 // Block (x, t): out columns [x * kWarps * J, +kWarps * J) of token t, J
@@ -428,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
           srow[r] = scale_row(p.w2_scale, ek, first + j / pairs);
         }
       },
-      p.w2_scale.cols_per);
+      scale_shift(p.w2_scale, p.inter));
   // Tokens with no local slot: zeros.
   if (pairs == 0 && lane == 0) {
     for (int c = 0; c < cols; ++c) static_cast<T*>(p.out)[t * H + first + c] = from_float<T>(0.0f);
@@ -485,11 +499,11 @@ int64_t element_bytes(ScalarType dtype) {
 int64_t weight_bytes(const DecodeParams& p) { return p.fp8 ? 1 : element_bytes(p.dtype); }
 
 // FP8: bf16/fp16 activations quantized per row per group or statically (not
-// per tensor: that scale would span every block), weight scales constant
-// over each 16-weight pack.
+// per tensor: that scale would span every block), weight scales over
+// power-of-two runs of at least a pack (16) or whole rows.
 bool fp8_fits(const DecodeParams& p) {
   return p.dtype != ScalarType::Float && (p.act_group > 0 || (p.a13_static && p.a2_static)) &&
-         p.w13_scale.cols_per % 16 == 0 && p.w2_scale.cols_per % 16 == 0;
+         scale_shift(p.w13_scale, p.hidden) >= 0 && scale_shift(p.w2_scale, p.inter) >= 0;
 }
 
 // Whether the kernels can take these shapes at all: 16-byte rows and strides,
@@ -536,6 +550,9 @@ bool decode_applies(const DecodeParams& p) {
   if (forced && std::strcmp(forced, "0") == 0) return false;
   if (!decode_fits(p)) return false;
   if (forced && std::strcmp(forced, "1") == 0) return true;
+  // FP8 weights: not yet faster than the chain's FP8 GEMMs (benchmarks/RESULTS.md,
+  // "FP8 experts"), so taken only when forced.
+  if (p.fp8) return false;
   // One token reads each chosen expert once: always. With more, this path
   // reads an expert once per slot on it (the chain once) at a lower share of
   // HBM bandwidth than the chain's GEMMs, which wins only while the chain's
