@@ -2,7 +2,12 @@
 
 Written for clarity, not speed, and independently of the kernels: no code is
 shared with them. Every function accepts tensors on any device and returns
-float64 results (ids and indices as int32)."""
+float64 results (ids and indices as int32), but for quantize_fp8, which returns
+what the op returns.
+
+FP8 (e4m3fn) follows the contract of the ops: a scale is ``max(amax, 1e-10) /
+448`` of the values it covers, ``q = saturate(x / scale)``, ``x ~ q * scale``.
+Quantized GEMMs dequantize both operands and multiply in float64."""
 
 from __future__ import annotations
 
@@ -83,12 +88,74 @@ def permute(hidden_states, topk_ids, num_local_experts, expert_map=None, row_wei
     return rows, offsets, inv.view(m, k).to(torch.int32)
 
 
-def grouped_gemm(a, w, expert_offsets, bias=None):
+_E4M3_MAX = 448.0
+_AMAX_FLOOR = 1e-10
+
+
+def quantize_fp8(x, group_size=0, scale=None):
+    """Rows [R, K] -> (float8_e4m3fn q [R, K], float32 scales), the op's
+    semantics: group_size > 0 one scale per row per group_size columns ([R,
+    ceil(K/group_size)], a partial last group takes what it holds); 0 one per
+    row ([R, 1]); -1 one for the tensor ([1, 1]); ``scale`` (one element)
+    given: static, returned as [1, 1]. The scale and the division are fp32,
+    as the contract defines them, so q is the op's to the bit."""
+    x = x.float()
+    rows, cols = x.shape
+    if scale is not None:
+        scales = scale.float().reshape(1, 1)
+        full = scales.expand(rows, cols)
+    elif group_size == -1:
+        amax = x.abs().amax() if x.numel() else x.new_zeros(())
+        scales = (torch.clamp(amax, min=_AMAX_FLOOR) / _E4M3_MAX).reshape(1, 1)
+        full = scales.expand(rows, cols)
+    else:
+        group = group_size if group_size > 0 else max(cols, 1)
+        groups = math.ceil(cols / group)
+        padded = torch.nn.functional.pad(x.abs(), (0, groups * group - cols))
+        amax = padded.view(rows, groups, group).amax(dim=-1)
+        scales = torch.clamp(amax, min=_AMAX_FLOOR) / _E4M3_MAX
+        full = scales.repeat_interleave(group, dim=1)[:, :cols]
+    q = torch.clamp(x / full, -_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+def _per_element(scale, shape, block_shape=None):
+    """Weight scales broadcast over weights [E, N, K] in float64: block
+    [E, ceil(N/bn), ceil(K/bk)], channel [E, N] or tensor [E]."""
+    e, n, k = shape
+    s = scale.double()
+    if block_shape is not None:
+        bn, bk = block_shape
+        return s.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]
+    if s.numel() == e:
+        return s.reshape(e, 1, 1).expand(e, n, k)
+    return s.reshape(e, n, 1).expand(e, n, k)
+
+
+def dequantize(w, scale, block_shape=None):
+    """FP8 weights [E, N, K] with their scales -> float64."""
+    return w.double() * _per_element(scale, w.shape, block_shape)
+
+
+def _dequantize_rows(q, scales, block_k=None):
+    """Activations q [R, K] times their scales [R, groups] ([R, 1], [1, 1])."""
+    s = scales.double()
+    if s.shape[1] > 1:
+        s = s.repeat_interleave(block_k, dim=1)[:, :q.shape[1]]
+    return q.double() * s
+
+
+def grouped_gemm(a, w, expert_offsets, bias=None, a_scale=None, w_scale=None, block_shape=None):
+    """out[r] = w[e] @ a[r] (+ bias[e]); FP8 operands are dequantized by
+    a_scale ([R, ceil(K/bk)], [R, 1] or [1, 1]) and w_scale first."""
+    a = a.double() if a_scale is None else _dequantize_rows(
+        a, a_scale, None if block_shape is None else block_shape[1])
+    w = w.double() if w_scale is None else dequantize(w, w_scale, block_shape)
     out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float64, device=a.device)
     off = expert_offsets.tolist()
     for e in range(w.shape[0]):
         rows = slice(off[e], off[e + 1])
-        out[rows] = a[rows].double() @ w[e].double().T
+        out[rows] = a[rows] @ w[e].T
         if bias is not None:
             out[rows] += bias[e].double()
     return out
@@ -135,35 +202,82 @@ def unpermute(y, inv_index, topk_weights=None):
     return (rows * w[..., None]).sum(dim=1)
 
 
+def _fake_quantize(x, group_size, scale):
+    """x quantized and dequantized again, as the kernels see activations."""
+    q, scales = quantize_fp8(x, group_size, scale)
+    return _dequantize_rows(q, scales, group_size if group_size > 0 else None)
+
+
+def _activation_quantizer(block_shape, per_act_token_quant, static_scale):
+    """The function that quantizes-dequantizes one GEMM's input [R, K], per
+    the scheme: per token per bk columns (block), per token, static, or one
+    scale for the tensor."""
+    if block_shape is not None:
+        return lambda t: _fake_quantize(t, block_shape[1], None)
+    if per_act_token_quant:
+        return lambda t: _fake_quantize(t, 0, None)
+    if static_scale is not None:
+        return lambda t: _fake_quantize(t, 0, static_scale)
+    return lambda t: _fake_quantize(t, -1, None)
+
+
 def fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, activation="silu",
                   is_act_and_mul=True, w13_bias=None, w2_bias=None, expert_map=None,
                   global_num_experts=None, apply_router_weight_on_input=False,
-                  intermediate_dtype=None):
+                  intermediate_dtype=None, w13_scale=None, w2_scale=None, a13_scale=None,
+                  a2_scale=None, block_shape=None, per_act_token_quant=False):
     """Loops over experts: each token's slots on expert e, computed directly from
     the formula in DESIGN.md (no permute).
 
     ``intermediate_dtype`` rounds the first GEMM's output, the activation and
     the second GEMM's output to that dtype, where the kernels store them: a
-    sum that cancels (tiny H and I) then compares bit-level noise to noise."""
+    sum that cancels (tiny H and I) then compares bit-level noise to noise.
+
+    FP8 weights (``w13_scale``, ``w2_scale`` given; shapes as
+    ``grouped_gemm``'s w_scale) are dequantized, and the two GEMM inputs are
+    quantized and dequantized as the scheme says: x (after the router weight
+    with ``apply_router_weight_on_input``) and the activation output, per
+    token per bk columns with ``block_shape``, else per token with
+    ``per_act_token_quant``, else with the static ``a13_scale``/``a2_scale``
+    when given, else with one scale over all of them. The intermediates are
+    then rounded to ``intermediate_dtype``, x's dtype unless given."""
+    quantized = w13_scale is not None
     x = hidden_states.double()
+    if quantized:
+        intermediate_dtype = intermediate_dtype or hidden_states.dtype
+        w13 = dequantize(w13, w13_scale, block_shape)
+        w2 = dequantize(w2, w2_scale, block_shape)
     rounded = (lambda t: t.to(intermediate_dtype).double()) if intermediate_dtype else (lambda t: t)
-    out = torch.zeros_like(x)
+    keep = lambda t: t  # noqa: E731  (unquantized GEMM inputs are used as they are)
+    quant13 = _activation_quantizer(block_shape, per_act_token_quant, a13_scale) \
+        if quantized else keep
+    quant2 = _activation_quantizer(block_shape, per_act_token_quant, a2_scale) \
+        if quantized else keep
     local = _local_ids(topk_ids, w13.shape[0], expert_map)
     weights = topk_weights.double()
+    tok, slot = torch.nonzero(local >= 0, as_tuple=True)  # every local slot, token order
+    experts = local[tok, slot]
+    w = weights[tok, slot][:, None]
+    if apply_router_weight_on_input:  # top-1: one weight per token
+        x = x * weights[:, :1]
+    # A per-tensor scale covers what the kernels quantize as one tensor: x of
+    # every token, the activation output of every local slot.
+    xs = quant13(x.float() if quantized else x)[tok]
+    h = torch.zeros(xs.shape[0], w13.shape[1], dtype=torch.float64, device=x.device)
     for e in range(w13.shape[0]):
-        tok, slot = torch.nonzero(local == e, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        xe = x[tok]
-        w = weights[tok, slot][:, None]
-        if apply_router_weight_on_input:
-            xe = xe * w
-        h = xe @ w13[e].double().T
+        rows = experts == e
+        h[rows] = xs[rows] @ w13[e].double().T
         if w13_bias is not None:
-            h = h + w13_bias[e].double()
-        y = rounded(_activation(rounded(h), activation, is_act_and_mul)) @ w2[e].double().T
+            h[rows] += w13_bias[e].double()
+    a = rounded(_activation(rounded(h), activation, is_act_and_mul))
+    a = quant2(a.float() if quantized else a)
+    y = torch.zeros(a.shape[0], w2.shape[1], dtype=torch.float64, device=x.device)
+    for e in range(w2.shape[0]):
+        rows = experts == e
+        y[rows] = a[rows] @ w2[e].double().T
         if w2_bias is not None:
-            y = y + w2_bias[e].double()
-        y = rounded(y)
-        out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
+            y[rows] += w2_bias[e].double()
+    y = rounded(y)
+    out = torch.zeros_like(x)
+    out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
     return out
