@@ -559,3 +559,67 @@ def test_mapping_names_are_vllms():
     name = "mlp.experts.0.gate_proj.weight_scale_inv"
     (param_name, weight_name, _, _), = [m for m in mapping if m[1] in name]
     assert name.replace(weight_name, param_name) == "mlp.experts.w13_weight_scale_inv"
+
+
+# --- the reference's FP8 GEMM ------------------------------------------------------------
+
+
+def test_reference_grouped_gemm_dequantizes_both_operands():
+    a = torch.randn(9, 200)
+    w = torch.randn(3, 70, 200)
+    offsets = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
+    qw = torch.stack([block_quantize(w[e], (32, 64))[0] for e in range(3)])
+    sw = torch.stack([block_quantize(w[e], (32, 64))[1] for e in range(3)])
+    qa, sa = reference.quantize_fp8(a, 64)
+    out = reference.grouped_gemm(qa, qw, offsets, a_scale=sa, w_scale=sw, block_shape=(32, 64))
+    # By hand: every element times the scale of its block.
+    a_hand = qa.double() * sa.double().repeat_interleave(64, 1)[:, :200]
+    w_hand = qw.double() * sw.double().repeat_interleave(32, 1)[:, :70].repeat_interleave(64, 2)[
+        :, :, :200]
+    expected = torch.cat([a_hand[:4] @ w_hand[0].T, a_hand[4:] @ w_hand[2].T])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert rel_err(out, reference.grouped_gemm(a, w, offsets)) <= 0.1
+    # Per channel weights and per-row activations.
+    qc, sc = zip(*(channel_quantize(w[e]) for e in range(3)))
+    qa, sa = reference.quantize_fp8(a, 0)
+    out = reference.grouped_gemm(qa, torch.stack(qc), offsets, a_scale=sa, w_scale=torch.stack(sc))
+    expected = (qa.double() * sa.double())[4:] @ (torch.stack(qc)[2].double() *
+                                                  torch.stack(sc)[2, :, None].double()).T
+    torch.testing.assert_close(out[4:], expected, rtol=0, atol=0)
+
+
+# --- nothing made again per forward -------------------------------------------------------
+
+
+def channel_layer():
+    gate, up, down = float_experts()
+    layer = FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config="fp8-channel")
+    layer.load_weights({"w13_weight": torch.cat([gate, up], 1), "w2_weight": down}.items())
+    return layer
+
+
+def test_forward_uses_the_scales_made_after_loading(monkeypatch):
+    layer = channel_layer()
+    layer.process_weights_after_loading()
+    made = layer._op_scales
+    monkeypatch.setattr(layer, "process_weights_after_loading",
+                        lambda: pytest.fail("scales made again in forward"))
+    x, logits = tokens()
+    layer(x, logits)
+    layer(x, logits)
+    assert layer._op_scales is made
+    monkeypatch.undo()
+    layer.to("cpu")  # moving the layer makes them again, from the moved parameters
+    assert layer._op_scales is None
+    layer(x, logits)
+    assert layer._op_scales is not None
+
+
+def test_fp8_layer_compiles_into_one_graph():
+    layer = channel_layer()
+    layer.process_weights_after_loading()
+    x, logits = tokens()
+    with torch.inference_mode():
+        eager = layer(x, logits)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x, logits)
+    torch.testing.assert_close(compiled, eager)
