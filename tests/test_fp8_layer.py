@@ -623,3 +623,27 @@ def test_fp8_layer_compiles_into_one_graph():
         eager = layer(x, logits)
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x, logits)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_scales_of_either_checkpoint_shape_load_alike():
+    """Channel scales come as [out, 1] or [out], tensor and input scales as
+    [] or [1], depending on the tool that wrote the checkpoint."""
+    layer = FusedMoE(E, K, H, I, quant_config="fp8-channel")
+    s = torch.rand(I)
+    layer.weight_loader(layer.w13_weight_scale, s, "e.2.w3.weight_scale", "w3", 2)
+    layer.weight_loader(layer.w13_weight_scale, s[:, None].bfloat16(), "e.3.w3.weight_scale",
+                        "w3", 3)
+    assert torch.equal(layer.w13_weight_scale[2, I:, 0], s)
+    assert torch.equal(layer.w13_weight_scale[3, I:, 0], s.bfloat16().float())
+    assert torch.equal(layer.w13_weight_scale[2, :I], torch.ones(I, 1))  # w1's rows untouched
+    static = FusedMoE(E, K, H, I, quant_config=AUTOFP8_STATIC)
+    for e, shape in ((1, ()), (2, (1,))):
+        value = torch.rand(shape)
+        static.weight_loader(static.w13_weight_scale, value, f"e.{e}.w3.weight_scale", "w3", e)
+        static.weight_loader(static.w2_input_scale, value, f"e.{e}.w2.input_scale", "w2", e)
+        assert static.w13_weight_scale[e, 1] == value.reshape(())
+        assert static.w2_input_scale[e] == value.reshape(())
+    # w1's and w3's input scales of one expert: the larger is the expert's.
+    static.weight_loader(static.w13_input_scale, torch.tensor(0.5), "e.0.w1.input_scale", "w1", 0)
+    static.weight_loader(static.w13_input_scale, torch.tensor(0.2), "e.0.w3.input_scale", "w3", 0)
+    assert static.w13_input_scale[0] == 0.5
