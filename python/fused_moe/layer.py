@@ -23,7 +23,7 @@ from .parallel import (
     replica_table,
     resolve_parallel,
 )
-from .quant import FP8_DTYPE, as_quant_config
+from .quant import FP8_DTYPE, QuantConfig, as_quant_config
 from .routing import SCORING_FUNCS, fused_topk
 
 
@@ -214,9 +214,9 @@ class FusedMoE(torch.nn.Module):
         rows, inter = self.w13_weight.shape[1], self.w2_weight.shape[2]
         if config.weight_scale == "block":
             self.block_shape = shards.local_block_shape(config.block_shape, inter)
-            bn, bk = self.block_shape
-            shapes = {"w13_weight_scale_inv": (e, -(-rows // bn), -(-h // bk)),
-                      "w2_weight_scale_inv": (e, -(-h // bn), -(-inter // bk))}
+            grid = QuantConfig.fp8_block(self.block_shape)
+            shapes = {"w13_weight_scale_inv": grid.weight_scale_shape(e, rows, h),
+                      "w2_weight_scale_inv": grid.weight_scale_shape(e, h, inter)}
         elif config.weight_scale == "channel":
             shapes = {"w13_weight_scale": (e, rows, 1), "w2_weight_scale": (e, h, 1)}
         else:
@@ -224,8 +224,7 @@ class FusedMoE(torch.nn.Module):
                       "w2_weight_scale": (e,)}
         for name, shape in shapes.items():
             setattr(self, name, self._param(torch.ones(shape, device=device)))
-        inputs = ("w13_input_scale", "w2_input_scale")
-        for name in inputs:
+        for name in ("w13_input_scale", "w2_input_scale"):
             setattr(self, name, self._param(torch.zeros(e, device=device))
                     if config.static_activations else None)
 

@@ -272,8 +272,7 @@ def _full_shape(layer, role, shard_id):
     if role.endswith("input_scale"):
         return ()
     if role.endswith("weight_scale_inv"):
-        bn, bk = layer.quant_config.block_shape
-        return (math.ceil(shape[0] / bn), math.ceil(shape[1] / bk))
+        return layer.quant_config.weight_scale_shape(1, *shape)[1:]
     if role.endswith("weight_scale"):
         if layer.quant_config.weight_scale == "channel":
             return (shape[0], 1)
