@@ -81,9 +81,47 @@ struct PermuteParams {
   int num_local_experts = 0;           // E_local
 };
 
+// The scale of element (i, j) of a quantized matrix (x = q * scale), or of
+// expert e's weight (i, j): data[e * expert_stride + (i / rows_per) *
+// row_stride + j / cols_per]. Blocks (bn, bk); per row: cols_per >= cols;
+// one per tensor (or expert): rows_per >= rows too, row_stride 0.
+struct ScaleGrid {
+  const float* data = nullptr;
+  int64_t rows_per = 1, cols_per = 1;
+  int64_t row_stride = 0;
+  int64_t expert_stride = 0;
+
+  FUSED_MOE_HD float at(int64_t e, int64_t i, int64_t j) const {
+    return data[e * expert_stride + i / rows_per * row_stride + j / cols_per];
+  }
+};
+
+// FP8 (e4m3fn) quantization of rows: q = saturate(x / scale) to +-448, one
+// scale per row per `group` columns (group >= cols: per row), or one for
+// all rows (per_tensor), max(amax, 1e-10) / 448 of what it covers; or the
+// static scale given.
+struct QuantizeParams {
+  const void* x = nullptr;               // [R, C]
+  int64_t x_stride = 0;                  // between rows of x
+  ScalarType dtype = ScalarType::Float;  // of x
+  uint8_t* q = nullptr;                  // [R, C] e4m3fn
+  float* scales = nullptr;               // [R, ceil(C / group)], or [1] per tensor
+  const float* static_scale = nullptr;   // [1] or null: dynamic
+  int64_t rows = 0;                      // R
+  int64_t cols = 0;                      // C
+  int64_t group = 0;                     // columns per scale; >= C: per row
+  bool per_tensor = false;
+};
+
+constexpr float kFp8Max = 448.0f;
+constexpr float kScaleEps = 1e-10f;
+
 struct GroupedGemmParams {
   const void* a = nullptr;               // [R, K] rows sorted by expert
-  ScalarType dtype = ScalarType::Float;  // of a, w, bias and out
+  ScalarType dtype = ScalarType::Float;  // of a, w, bias and out; of bias and out when fp8
+  bool fp8 = false;                      // a and w e4m3fn, scaled by a_scale and w_scale
+  ScaleGrid a_scale;                     // fp8: of a (rows R, columns K)
+  ScaleGrid w_scale;                     // fp8: of w[e] (rows N, columns K)
   int64_t a_stride = 0;                  // between rows of a
   const void* w = nullptr;               // [E, N, K]
   int64_t w_expert_stride = 0;           // between experts of w
@@ -148,6 +186,13 @@ struct DecodeParams {
   Activation activation = Activation::kSilu;
   bool gated = true;                   // as ActivationParams::gated
   bool weight_on_input = false;        // topk_weights scale x (K == 1) instead of the outputs
+  // FP8: w13, w2 e4m3 (w = q * scale); each GEMM's input quantized per row per
+  // act_group columns (>= the row: per row), or with the static scale a*_static.
+  bool fp8 = false;
+  ScaleGrid w13_scale, w2_scale;
+  int64_t act_group = 0;
+  const float* a13_static = nullptr;
+  const float* a2_static = nullptr;
 };
 
 }  // namespace fused_moe

@@ -44,6 +44,8 @@ ExpertIds expert_ids(const Tensor& t) {
 // CPU kernel is copied once into a dense tensor here.
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 Tensor rows_in_place(const Tensor& t) {
   if (t.dim() < 2 || !t.is_cuda() || t.stride(t.dim() - 1) != 1) return dense(t);
   const int64_t bytes = static_cast<int64_t>(t.element_size());
@@ -198,26 +200,120 @@ std::tuple<Tensor, Tensor, Tensor> permute(Tensor hidden_states, Tensor topk_ids
   return {out, offsets, inv};
 }
 
-Tensor grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, OptTensor bias) {
+namespace {
+
+constexpr ScalarType kFp8 = ScalarType::Float8_e4m3fn;
+
+// block_shape (bn, bk) of block scales, {0, 0} when not given.
+struct Block {
+  int64_t n = 0, k = 0;
+  explicit operator bool() const { return n > 0; }
+};
+
+Block parse_block(const char* op, const OptInts& block_shape) {
+  if (!block_shape) return {};
+  const std::vector<int64_t>& b = *block_shape;
+  FUSED_MOE_CHECK(b.size() == 2 && b[0] >= 1 && b[1] >= 1, op,
+                  ": block_shape must be two positive ints (block_n, block_k), got ", b.size(),
+                  " values");
+  return {b[0], b[1]};
+}
+
+// The scales of an e4m3fn weight [E, N, K]: blocks [E, ceil(N/bn), ceil(K/bk)]
+// when block_shape is given, else per channel [E, N] ([E, N, 1]) or per
+// tensor [E] ([E, 1], [E, 1, 1]).
+ScaleGrid weight_scales(const char* op, const char* name, const Tensor& s, int64_t e, int64_t n,
+                        int64_t k, Block b, const Tensor& ref) {
+  Arg{op, name, s}.dtype_is(ScalarType::Float);
+  Arg{op, name, s}.same_device(ref, "the weights");
+  ScaleGrid g;
+  g.data = ptr<const float>(s);
+  if (b) {
+    const int64_t nb = ceil_div(n, b.n), kb = ceil_div(k, b.k);
+    Arg{op, name, s}.shape_is({e, nb, kb});
+    g.rows_per = b.n, g.cols_per = b.k, g.row_stride = kb, g.expert_stride = nb * kb;
+    return g;
+  }
+  g.cols_per = std::max<int64_t>(k, 1);
+  if (s.numel() == e && s.dim() >= 1 && s.size(0) == e) {  // per tensor
+    g.rows_per = std::max<int64_t>(n, 1), g.expert_stride = 1;
+    return g;
+  }
+  const bool channel = (s.dim() == 2 || (s.dim() == 3 && s.size(2) == 1)) && s.size(0) == e &&
+                       s.size(1) == n;
+  FUSED_MOE_CHECK(channel, op, ": ", name, " must be [", e, "] (per tensor) or [", e, ", ", n,
+                  "] (per channel), or [", e, ", ceil(", n, "/bn), ceil(", k,
+                  "/bk)] with block_shape; got shape ", shape_str(s));
+  g.row_stride = 1, g.expert_stride = n;
+  return g;
+}
+
+// The scales of e4m3fn rows [R, K]: [R, ceil(K/bk)] per row per bk columns
+// (with block_shape), [R, 1] per row, or one element per tensor.
+ScaleGrid row_scales(const char* op, const char* name, const Tensor& s, int64_t r, int64_t k,
+                     Block b, const Tensor& ref) {
+  Arg{op, name, s}.dtype_is(ScalarType::Float);
+  Arg{op, name, s}.same_device(ref, "the rows");
+  ScaleGrid g;
+  g.data = ptr<const float>(s);
+  g.cols_per = std::max<int64_t>(k, 1);
+  if (s.numel() == 1 && s.dim() <= 2) {  // per tensor
+    g.rows_per = std::max<int64_t>(r, 1);
+    return g;
+  }
+  const int64_t groups = b ? ceil_div(k, b.k) : 1;
+  FUSED_MOE_CHECK(s.dim() == 2 && s.size(0) == r && (s.size(1) == 1 || s.size(1) == groups), op,
+                  ": ", name, " must be [", r, ", 1] (per row), one element (per tensor)",
+                  b ? " or [R, ceil(K/bk)] = [" + std::to_string(r) + ", " +
+                          std::to_string(groups) + "] (per row per block_k)"
+                    : std::string(),
+                  "; got shape ", shape_str(s));
+  g.row_stride = s.size(1);
+  if (s.size(1) == groups && b) g.cols_per = b.k;
+  return g;
+}
+
+}  // namespace
+
+Tensor grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, OptTensor bias, OptTensor a_scale,
+                    OptTensor w_scale, OptInts block_shape, std::optional<ScalarType> out_dtype) {
   const char* op = "fused_moe.grouped_gemm";
   a = rows_in_place(a);
   w = rows_in_place(w);
   expert_offsets = dense(expert_offsets);
-  if (bias) bias = dense(*bias);
-  Arg{op, "a", a}.expect(kFloats, {-1, -1});
+  for (OptTensor* t : {&bias, &a_scale, &w_scale})
+    if (*t) *t = dense(**t);
+  const bool fp8 = a.scalar_type() == kFp8;
+  Arg{op, "a", a}.expect(fp8 ? std::initializer_list<ScalarType>{kFp8} : kFloats, {-1, -1});
   const int64_t rows = a.size(0), k = a.size(1);
   Arg{op, "w", w}.expect({a.scalar_type()}, {-1, -1, k}, &a, "a");
   const int64_t e = w.size(0), n = w.size(1);
+  const ScalarType dtype = fp8 ? out_dtype.value_or(ScalarType::BFloat16) : a.scalar_type();
+  FUSED_MOE_CHECK(!out_dtype || *out_dtype == dtype, op, ": out_dtype applies to fp8 inputs; "
+                  "for ", torch::headeronly::toString(dtype), " inputs the output has their dtype");
+  FUSED_MOE_CHECK(dtype == ScalarType::BFloat16 || dtype == ScalarType::Half ||
+                      dtype == ScalarType::Float, op,
+                  ": out_dtype must be bfloat16, float16 or float32, got ",
+                  torch::headeronly::toString(dtype));
   Arg{op, "expert_offsets", expert_offsets}.expect({ScalarType::Int}, {e + 1}, &a, "a");
-  if (bias) {
-    Arg{op, "bias", *bias}.expect({a.scalar_type()}, {e, n}, &a, "a");
+  if (bias) Arg{op, "bias", *bias}.expect({dtype}, {e, n}, &a, "a");
+  GroupedGemmParams p;
+  if (fp8) {
+    FUSED_MOE_CHECK(a_scale && w_scale, op, ": float8_e4m3fn a and w need a_scale and w_scale (",
+                    a_scale ? "w_scale" : "a_scale", " is missing)");
+    const Block b = parse_block(op, block_shape);
+    p.fp8 = true;
+    p.a_scale = row_scales(op, "a_scale", *a_scale, rows, k, b, a);
+    p.w_scale = weight_scales(op, "w_scale", *w_scale, e, n, k, b, a);
+  } else {
+    FUSED_MOE_CHECK(!a_scale && !w_scale, op, ": a_scale and w_scale are for float8_e4m3fn a "
+                    "and w; got ", torch::headeronly::toString(a.scalar_type()), " a");
   }
   Arg{op, "expert_offsets", expert_offsets}.values_in(0, rows + 1, /*rising_from_lo=*/true);
-  Tensor out = alloc(a, {rows, n});
-  GroupedGemmParams p;
+  Tensor out = alloc(a, {rows, n}, dtype);
   p.a = a.data_ptr();
   p.a_stride = a.stride(0);
-  p.dtype = a.scalar_type();
+  p.dtype = dtype;
   p.w = w.data_ptr();
   p.w_expert_stride = w.stride(0);
   p.w_row_stride = w.stride(1);
@@ -237,6 +333,46 @@ Tensor grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, OptTensor bias) {
     cpu::grouped_gemm(p);
   }
   return out;
+}
+
+std::tuple<Tensor, Tensor> quantize_fp8(Tensor x, int64_t group_size, OptTensor scale) {
+  const char* op = "fused_moe.quantize_fp8";
+  x = rows_in_place(x);
+  Arg{op, "x", x}.expect(kFloats, {-1, -1});
+  const int64_t rows = x.size(0), cols = x.size(1);
+  QuantizeParams p;
+  std::vector<int64_t> scale_shape{1, 1};
+  if (scale) {
+    scale = dense(*scale);
+    Arg{op, "scale", *scale}.dtype_is(ScalarType::Float);
+    Arg{op, "scale", *scale}.same_device(x, "x");
+    FUSED_MOE_CHECK(scale->numel() == 1, op, ": a static scale has one element, got shape ",
+                    shape_str(*scale));
+    p.static_scale = ptr<const float>(scale);
+  } else {
+    FUSED_MOE_CHECK(group_size >= -1, op, ": group_size must be > 0 (per row per group), 0 (per "
+                    "row) or -1 (per tensor), got ", group_size);
+    p.per_tensor = group_size == -1;
+    if (group_size >= 0) scale_shape = {rows, group_size > 0 ? ceil_div(cols, group_size) : 1};
+  }
+  Tensor q = alloc(x, {rows, cols}, kFp8);
+  Tensor scales = alloc(x, scale_shape, ScalarType::Float);
+  p.x = x.data_ptr();
+  p.x_stride = x.stride(0);
+  p.dtype = x.scalar_type();
+  p.q = ptr<uint8_t>(q);
+  p.scales = ptr<float>(scales);
+  p.rows = rows;
+  p.cols = cols;
+  p.group = group_size > 0 && !scale ? group_size : std::max<int64_t>(cols, 1);
+  if (x.is_cuda()) {
+    OnDevice d(x);
+    Tensor ws = workspace(x, cuda::quantize_fp8_workspace_bytes(p));
+    cuda::quantize_fp8(p, ws.data_ptr(), d.stream);
+  } else {
+    cpu::quantize_fp8(p);
+  }
+  return {q, scales};
 }
 
 Tensor activation(Tensor x, std::string activation, bool is_act_and_mul) {
@@ -299,12 +435,69 @@ Tensor unpermute(Tensor y, Tensor inv_index, OptTensor topk_weights) {
   return out;
 }
 
+namespace {
+
+// How fused_experts quantizes the inputs of its GEMMs: quantize_fp8's
+// group_size (block_k with block scales; per row with per_act_token_quant;
+// else per tensor, or the static a13_scale / a2_scale when given); and the
+// checked scales, for the decode kernels, which read them directly.
+struct FusedFp8 {
+  int64_t group_size = 0;
+  ScaleGrid w13, w2;
+  const float* a13 = nullptr;
+  const float* a2 = nullptr;
+};
+
+const float* static_scale(const char* op, const char* name, const OptTensor& s, const Tensor& x) {
+  if (!s) return nullptr;
+  Arg{op, name, *s}.dtype_is(ScalarType::Float);
+  Arg{op, name, *s}.same_device(x, "hidden_states");
+  FUSED_MOE_CHECK(s->numel() == 1, op, ": ", name, " is one static scale (one element), got shape ",
+                  shape_str(*s), " (take the max over experts of per-expert input scales)");
+  return ptr<const float>(s);
+}
+
+FusedFp8 fused_fp8(const char* op, bool fp8, const OptTensor& w13_scale, const OptTensor& w2_scale,
+                   const OptTensor& a13_scale, const OptTensor& a2_scale,
+                   const OptInts& block_shape, bool per_act_token_quant, const Tensor& x,
+                   const Tensor& w13, const Tensor& w2) {
+  if (!fp8) {
+    FUSED_MOE_CHECK(!w13_scale && !w2_scale && !a13_scale && !a2_scale && !block_shape, op,
+                    ": w13_scale, w2_scale, a13_scale, a2_scale and block_shape are for "
+                    "float8_e4m3fn weights; w13 is not float8_e4m3fn");
+    return {};
+  }
+  FUSED_MOE_CHECK(w13_scale, op, ": float8_e4m3fn w13 needs w13_scale");
+  FUSED_MOE_CHECK(w2_scale, op, ": float8_e4m3fn w2 needs w2_scale");
+  FUSED_MOE_CHECK(!a13_scale == !a2_scale, op, ": static activation scales come in pairs: ",
+                  a13_scale ? "a2_scale" : "a13_scale", " is missing");
+  const Block b = parse_block(op, block_shape);
+  FUSED_MOE_CHECK(!(b && (a13_scale || per_act_token_quant)), op,
+                  ": block_shape quantizes activations per token per block_k; a13_scale/a2_scale "
+                  "and per_act_token_quant do not apply");
+  FUSED_MOE_CHECK(!(a13_scale && per_act_token_quant), op,
+                  ": per_act_token_quant is dynamic; a13_scale/a2_scale are static scales");
+  FusedFp8 f;
+  f.group_size = b ? b.k : per_act_token_quant ? 0 : -1;
+  const int64_t e = w13.size(0), h = w13.size(2), i = w2.size(2);
+  f.w13 = weight_scales(op, "w13_scale", *w13_scale, e, w13.size(1), h, b, x);
+  f.w2 = weight_scales(op, "w2_scale", *w2_scale, e, h, i, b, x);
+  f.a13 = static_scale(op, "a13_scale", a13_scale, x);
+  f.a2 = static_scale(op, "a2_scale", a2_scale, x);
+  return f;
+}
+
+}  // namespace
+
 Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights,
                      Tensor topk_ids, std::string activation_name, bool is_act_and_mul,
                      OptTensor w13_bias, OptTensor w2_bias, OptTensor expert_map,
-                     int64_t global_num_experts, bool apply_router_weight_on_input) {
+                     int64_t global_num_experts, bool apply_router_weight_on_input,
+                     OptTensor w13_scale, OptTensor w2_scale, OptTensor a13_scale,
+                     OptTensor a2_scale, OptInts block_shape, bool per_act_token_quant) {
   const char* op = "fused_moe.fused_experts";
   hidden_states = rows_in_place(hidden_states);
+  const bool fp8 = w13.scalar_type() == kFp8;
   w13 = rows_in_place(w13);
   w2 = rows_in_place(w2);
   topk_weights = dense(topk_weights);
@@ -314,13 +507,18 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
   Arg{op, "hidden_states", hidden_states}.expect(kFloats, {-1, -1});
   const int64_t m = hidden_states.size(0), h = hidden_states.size(1);
   const ScalarType dtype = hidden_states.scalar_type();
-  Arg{op, "w13", w13}.expect({dtype}, {-1, -1, h}, &hidden_states, "hidden_states");
+  const ScalarType w_dtype = fp8 ? kFp8 : dtype;
+  Arg{op, "w13", w13}.expect({w_dtype}, {-1, -1, h}, &hidden_states, "hidden_states");
   const int64_t e_local = w13.size(0);
   const int64_t inter = is_act_and_mul ? w13.size(1) / 2 : w13.size(1);
   FUSED_MOE_CHECK(!is_act_and_mul || w13.size(1) % 2 == 0, op,
                   ": w13 must have 2 * intermediate_size rows when is_act_and_mul, got shape ",
                   shape_str(w13));
-  Arg{op, "w2", w2}.expect({dtype}, {e_local, h, inter}, &hidden_states, "hidden_states");
+  Arg{op, "w2", w2}.expect({w_dtype}, {e_local, h, inter}, &hidden_states, "hidden_states");
+  for (OptTensor* t : {&w13_scale, &w2_scale, &a13_scale, &a2_scale})
+    if (*t) *t = dense(**t);
+  const FusedFp8 quant = fused_fp8(op, fp8, w13_scale, w2_scale, a13_scale, a2_scale, block_shape,
+                                   per_act_token_quant, hidden_states, w13, w2);
   // Checked in full here (the ops below check them again) because the decode
   // path reads them directly.
   Arg{op, "topk_weights", topk_weights}.expect({ScalarType::Float}, {m, -1}, &hidden_states,
@@ -344,7 +542,7 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
   FUSED_MOE_CHECK(!apply_router_weight_on_input || topk_ids.size(1) == 1, op,
                   ": apply_router_weight_on_input needs topk == 1, got topk=", topk_ids.size(1));
   const Activation activation_kind = parse_activation(op, activation_name, is_act_and_mul);
-  if (m > 0) {
+  if (m > 0 && (hidden_states.is_cuda() || !fp8)) {
     DecodeParams p;
     p.x = hidden_states.data_ptr();
     p.x_stride = hidden_states.stride(0);
@@ -369,6 +567,13 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
     p.activation = activation_kind;
     p.gated = is_act_and_mul;
     p.weight_on_input = apply_router_weight_on_input;
+    p.fp8 = fp8;
+    p.w13_scale = quant.w13;
+    p.w2_scale = quant.w2;
+    // Columns per activation scale: block_k, or a whole row (of x and of act); -1 per tensor.
+    p.act_group = quant.group_size == 0 ? std::max(h, inter) : quant.group_size;
+    p.a13_static = quant.a13;
+    p.a2_static = quant.a2;
     if (!hidden_states.is_cuda()) {
       // The ranges permute checks on the composed path.
       if (expert_map) Arg{op, "expert_map", *expert_map}.values_in(-1, e_local);
@@ -397,9 +602,16 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
   OptTensor on_input, on_output;
   (apply_router_weight_on_input ? on_input : on_output) = topk_weights;
   auto [rows, offsets, inv] = permute(hidden_states, topk_ids, e_local, expert_map, on_input);
-  Tensor h13 = grouped_gemm(rows, w13, offsets, w13_bias);
+  // FP8: each GEMM's input quantized as the scheme says (a no-op otherwise).
+  auto gemm = [&](const Tensor& x, const Tensor& w, const OptTensor& w_scale,
+                  const OptTensor& static_scale, const OptTensor& bias) {
+    if (!fp8) return grouped_gemm(x, w, offsets, bias, {}, {}, {}, {});
+    auto [q, scales] = quantize_fp8(x, quant.group_size, static_scale);
+    return grouped_gemm(q, w, offsets, bias, scales, w_scale, block_shape, dtype);
+  };
+  Tensor h13 = gemm(rows, w13, w13_scale, a13_scale, w13_bias);
   Tensor act = activation(h13, activation_name, is_act_and_mul);
-  Tensor y = grouped_gemm(act, w2, offsets, w2_bias);
+  Tensor y = gemm(act, w2, w2_scale, a2_scale, w2_bias);
   return unpermute(y, inv, on_output);
 }
 

@@ -18,7 +18,13 @@ STABLE_TORCH_LIBRARY(fused_moe, m) {
   m.def("permute(Tensor hidden_states, Tensor topk_ids, int num_local_experts, "
         "Tensor? expert_map, Tensor? row_weights) -> (Tensor, Tensor, Tensor)");
   // out[r] = w[e] @ a[r] (+ bias[e]) for the rows of expert e; rows past the last offset are 0.
-  m.def("grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, Tensor? bias) -> Tensor");
+  // FP8 a and w: a = q * a_scale, w = q * w_scale (block, channel or tensor scales).
+  m.def("grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, Tensor? bias, "
+        "Tensor? a_scale=None, Tensor? w_scale=None, int[]? block_shape=None, "
+        "ScalarType? out_dtype=None) -> Tensor");
+  // Rows -> (fp8 e4m3fn, f32 scales): per row per group_size columns (> 0), per row (0),
+  // per tensor (-1), or the static scale given.
+  m.def("quantize_fp8(Tensor x, int group_size, Tensor? scale=None) -> (Tensor, Tensor)");
   // act(gate) * up (is_act_and_mul) or act(x): silu, gelu, gelu_tanh, relu2, swigluoai.
   m.def("activation(Tensor x, str activation, bool is_act_and_mul) -> Tensor");
   // out[t] = sum_k w[t, k] * y[inv_index[t, k]], fp32 accumulation in order of k.
@@ -27,13 +33,16 @@ STABLE_TORCH_LIBRARY(fused_moe, m) {
   m.def("fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, "
         "Tensor topk_ids, str activation, bool is_act_and_mul, Tensor? w13_bias, "
         "Tensor? w2_bias, Tensor? expert_map, int global_num_experts, "
-        "bool apply_router_weight_on_input) -> Tensor");
+        "bool apply_router_weight_on_input, Tensor? w13_scale=None, Tensor? w2_scale=None, "
+        "Tensor? a13_scale=None, Tensor? a2_scale=None, int[]? block_shape=None, "
+        "bool per_act_token_quant=False) -> Tensor");
 }
 
 #define FUSED_MOE_IMPLS(m)                                          \
   m.impl("topk", TORCH_BOX(&fused_moe::topk));                      \
   m.impl("permute", TORCH_BOX(&fused_moe::permute));                \
   m.impl("grouped_gemm", TORCH_BOX(&fused_moe::grouped_gemm));      \
+  m.impl("quantize_fp8", TORCH_BOX(&fused_moe::quantize_fp8));      \
   m.impl("activation", TORCH_BOX(&fused_moe::activation));          \
   m.impl("unpermute", TORCH_BOX(&fused_moe::unpermute));            \
   m.impl("fused_experts", TORCH_BOX(&fused_moe::fused_experts))

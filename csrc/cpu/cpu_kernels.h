@@ -8,6 +8,7 @@ namespace fused_moe::cpu {
 void topk(const TopkParams& p);
 void permute(const PermuteParams& p);
 void grouped_gemm(const GroupedGemmParams& p);
+void quantize_fp8(const QuantizeParams& p);
 void activation(const ActivationParams& p);
 void unpermute(const UnpermuteParams& p);
 void fused_experts(const DecodeParams& p);

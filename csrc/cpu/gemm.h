@@ -175,12 +175,12 @@ void grouped_gemm_tiles(const GemmShape& g, const Epilogue& epilogue) {
 
 namespace fused_moe::cpu {
 
-// The plain grouped GEMM: out[r][j] = sums + bias[e][j], stored as T.
-template <typename T>
+// The plain grouped GEMM over inputs of type In: out[r][j] = sums + bias[e][j], stored as T.
+template <typename T, typename In = T>
 void grouped_gemm_store(const GemmShape& g, const T* bias, T* out) {
   const auto store = epilogues().store[elem_of<T>()];
   const int64_t n = g.cols.count;
-  grouped_gemm_tiles<T>(g, [&](const TileSums& s) {
+  grouped_gemm_tiles<In>(g, [&](const TileSums& s) {
     float b[kMaxTileCols];
     bias_floats(bias, s.e * n + s.col, 1, s.count, b);
     store(s.sums, s.ld, s.rows, s.count, bias ? b : nullptr, out + s.row * n + s.col, n);

@@ -35,7 +35,7 @@ inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), ke
   throw std::runtime_error("fused_moe: " + what);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // What the launch heuristics need of the current device.
 struct DeviceInfo {

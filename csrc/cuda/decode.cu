@@ -17,6 +17,13 @@
 // Rounding follows the chain: GEMM outputs are rounded to T before the
 // activation and before the weighted sum, which adds in slot order with
 // separate multiply and add, as unpermute does.
+//
+// FP8 weights (W = e4m3): each pack of 16 is widened in registers and its
+// partial sum times its weight scale; the staged x and activations are
+// quantized and dequantized in shared memory as the chain's quantize_fp8
+// would quantize them, so both paths compute the same scheme.
+#include <cuda_fp8.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -40,6 +47,7 @@ constexpr double kMaxSlotBytes = 400e6;  // see decode_applies
 // Weights are read once: keep them out of L1.
 template <typename T>
 __device__ __forceinline__ Pack<T, kVec<T>> load_streaming(const T* p) {
+  static_assert(sizeof(Pack<T, kVec<T>>) == 16);
   uint4 raw;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
@@ -60,6 +68,52 @@ __device__ __forceinline__ float element(const Pack<T, P>& x, int q) {
     return __uint_as_float(q % 2 ? words[q / 2] & 0xffff0000u : words[q / 2] << 16);
   } else {
     return to_float(x.e[q]);
+  }
+}
+
+// The 16 e4m3 weights of a pack as floats, two per conversion.
+__device__ __forceinline__ void widen_fp8(const Pack<uint8_t, 16>& w, float (&f)[16]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const __nv_fp8x2_storage_t pair = uint16_t(w.e[2 * i]) | uint16_t(w.e[2 * i + 1]) << 8;
+    const float2 v = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+    f[2 * i] = v.x, f[2 * i + 1] = v.y;
+  }
+}
+
+// x rounded through e4m3 at `scale` (quantize_fp8's rounding), as a float.
+__device__ __forceinline__ float fp8_round_trip(float x, float scale) {
+  const float y = fminf(fmaxf(__fdiv_rn(x, scale), -kFp8Max), kFp8Max);
+  const __half h = __half(__nv_cvt_fp8_to_halfraw(__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3),
+                                                  __NV_E4M3));
+  return __half2float(h) * scale;
+}
+
+// Rows [0, rows) of v (`n` floats each, rows `ld` apart, in shared memory)
+// quantized and dequantized in place, by the block: one scale per row per
+// `group` columns, or `fixed` (a static scale) for all. Rows with keep(r)
+// false are left alone.
+template <typename Keep>
+__device__ void fake_quantize(float* v, int rows, int64_t n, int64_t ld, int64_t group,
+                              const float* fixed, Keep keep) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t per_row = fixed ? 1 : ceil_div(n, group), len = fixed ? n : group;
+  for (int64_t g = warp; g < rows * per_row; g += kWarps) {
+    const int r = int(g / per_row);
+    if (!keep(r)) continue;
+    float* x = v + r * ld + (g % per_row) * len;
+    const int64_t m = min(len, n - (g % per_row) * len);
+    float scale;
+    if (fixed) {
+      scale = *fixed;
+    } else {
+      float amax = 0.0f;
+      for (int64_t i = lane; i < m; i += 32) amax = fmaxf(amax, fabsf(x[i]));
+#pragma unroll
+      for (int d = 16; d > 0; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, d));
+      scale = fmaxf(amax, kScaleEps) / kFp8Max;
+    }
+    for (int64_t i = lane; i < m; i += 32) x[i] = fp8_round_trip(x[i], scale);
   }
 }
 
@@ -113,9 +167,9 @@ __device__ __forceinline__ void wait_for_prior_kernel() {
 }
 
 // One lane's share of a stage: kUnroll packs of each of the kRows rows.
-template <typename T>
+template <typename W>
 struct Stage {
-  Pack<T, kVec<T>> w[kUnroll][kRows];
+  Pack<W, kVec<W>> w[kUnroll][kRows];
 };
 
 // The warp's dot products of `jobs` groups of kRows weight rows with vectors
@@ -127,15 +181,21 @@ struct Stage {
 //                   issued, so that they overlap it
 //   vec(j, r):      the shared-memory vector (float or T) row r multiplies
 //   done(j, sums):  the job's kRows sums, reduced over the warp (every lane)
-// Rows and vectors are `packs` 16-byte packs long.
-template <typename T, typename Rows, typename Staging, typename Vec, typename Done>
+//   scales(j, srow): FP8 weights (W = uint8_t, e4m3): srow[r], the scales of
+//                   row r of job j, one per `scale_cols` columns (a multiple
+//                   of 16: a pack's scale is the one of its first column);
+//                   called by every lane
+// Weight rows are `packs` 16-byte packs long; vectors as many elements.
+template <typename W, typename Rows, typename Staging, typename Vec, typename Done, typename Scales>
 __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows rows,
-                                            Staging stage, Vec vec, Done done) {
-  constexpr int P = kVec<T>, kStep = 32 * kUnroll;
+                                            Staging stage, Vec vec, Done done, Scales scales,
+                                            int64_t scale_cols) {
+  constexpr int P = kVec<W>, kStep = 32 * kUnroll;
+  constexpr bool kFp8 = std::is_same_v<W, uint8_t>;
   const int chunks = (packs + kStep - 1) / kStep, steps = jobs * chunks;
-  auto load = [&](Stage<T>& s, int step) {
+  auto load = [&](Stage<W>& s, int step) {
     const int j = step / chunks, p0 = lane + (step - j * chunks) * kStep;
-    const T* row[kRows];
+    const W* row[kRows];
     rows(j, row);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -146,20 +206,31 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
     }
   };
   float acc[kRows] = {};
-  auto consume = [&](const Stage<T>& s, int step) {
+  auto consume = [&](const Stage<W>& s, int step) {
     const int j = step / chunks, c = step - j * chunks, p0 = lane + c * kStep;
     decltype(vec(0, 0)) v[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) v[r] = vec(j, r);
+    const float* srow[kRows] = {};
+    if constexpr (kFp8) scales(j, srow);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (p0 + 32 * u >= packs) break;
+      const int64_t col = int64_t(p0 + 32 * u) * P;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float x[P];
-        vector_at<P>(v[r], int64_t(p0 + 32 * u) * P, x);
+        vector_at<P>(v[r], col, x);
+        if constexpr (kFp8) {
+          float w[P], part = 0.0f;
+          widen_fp8(s.w[u][r], w);
 #pragma unroll
-        for (int q = 0; q < P; ++q) acc[r] = fmaf(element(s.w[u][r], q), x[q], acc[r]);
+          for (int q = 0; q < P; ++q) part = fmaf(w[q], x[q], part);
+          acc[r] = fmaf(part, srow[r][col / scale_cols], acc[r]);
+        } else {
+#pragma unroll
+          for (int q = 0; q < P; ++q) acc[r] = fmaf(element(s.w[u][r], q), x[q], acc[r]);
+        }
       }
     }
     if (c != chunks - 1) return;
@@ -170,7 +241,7 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
 #pragma unroll
     for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
   };
-  Stage<T> a, b;
+  Stage<W> a, b;
   if (steps > 0) load(a, 0);
   stage();
   for (int step = 0; step < steps; step += 2) {
@@ -180,6 +251,11 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
     if (step + 2 < steps) load(a, step + 2);
     consume(b, step + 1);
   }
+}
+
+// The scales of expert e's weight row `row`, one per s.cols_per columns.
+__device__ __forceinline__ const float* scale_row(const ScaleGrid& s, int e, int64_t row) {
+  return s.data + e * s.expert_stride + row / s.rows_per * s.row_stride;
 }
 
 template <typename T>
@@ -197,9 +273,10 @@ __device__ __forceinline__ float rounded(float acc, const void* bias, int64_t i)
 // act[s]; a warp's J jobs are C columns each: 1 gated (its gate and up rows),
 // 2 plain. x[t] (scaled by the router weight and rounded to T, as the chain's
 // gathered row) is staged in shared memory as floats.
-template <typename T, Activation A, bool Gated>
+template <typename T, typename W, Activation A, bool Gated>
 __global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int jobs_per_warp) {
   constexpr int C = Gated ? 1 : kRows, P = kVec<T>;
+  constexpr bool kFp8 = std::is_same_v<W, uint8_t>;
   extern __shared__ float4 smem[];
   float* x = reinterpret_cast<float*>(smem);
   allow_dependent_launch();
@@ -219,13 +296,13 @@ __global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int job
     else return r * I + col;
   };
   const int64_t n13 = Gated ? 2 * I : I;
-  const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * p.w13_expert_stride;
+  const W* w13 = static_cast<const W*>(p.w13) + int64_t(e) * p.w13_expert_stride;
   const void* bias = p.w13_bias;
   const int64_t b = int64_t(e) * n13;
   T* out = static_cast<T*>(p.act) + slot * I;
-  stream_dots<T>(
-      jobs, static_cast<int>(H / P), lane,
-      [&](int j, const T** row) {
+  stream_dots<W>(
+      jobs, static_cast<int>(H / kVec<W>), lane,
+      [&](int j, const W** row) {
         for (int r = 0; r < kRows; ++r) row[r] = w13 + row_of(j, r) * p.w13_row_stride;
       },
       [&] {
@@ -239,6 +316,10 @@ __global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int job
                 x[i * P + q] = to_float(from_float<T>(to_float(v.e[q]) * scale));
             });
         __syncthreads();
+        if constexpr (kFp8) {
+          fake_quantize(x, 1, H, H, p.act_group, p.a13_static, [](int) { return true; });
+          __syncthreads();
+        }
       },
       [&](int, int) { return x; },
       [&](int j, const float* sums) {
@@ -251,7 +332,11 @@ __global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int job
           for (int c = 0; c < C && col + c < I; ++c)
             out[col + c] = from_float<T>(act<A>(rounded<T>(sums[c], bias, b + row_of(j, c))));
         }
-      });
+      },
+      [&](int j, const float** srow) {
+        for (int r = 0; r < kRows; ++r) srow[r] = scale_row(p.w13_scale, e, row_of(j, r));
+      },
+      p.w13_scale.cols_per);
 }
 
 // Block (x, t): out columns [x * kWarps * J, +kWarps * J) of token t, J
@@ -259,11 +344,14 @@ __global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int job
 // slots only) are staged in shared memory. Lane k holds slot k's expert and
 // weight; a column's jobs take the local slots two at a time in slot order,
 // the order of the weighted sum.
-template <typename T>
+// FP8: the activations are staged as floats, to be quantized in place.
+template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int cols_per_warp) {
   constexpr int P = kVec<T>;
+  constexpr bool kFp8 = std::is_same_v<W, uint8_t>;
+  using Staged = std::conditional_t<kFp8, float, T>;
   extern __shared__ float4 smem[];
-  T* act = reinterpret_cast<T*>(smem);
+  Staged* act = reinterpret_cast<Staged*>(smem);
   const int64_t t = blockIdx.y, H = p.hidden, I = p.inter;
   const int K = p.topk, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int e = -1;
@@ -284,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
     const int i = 2 * (j % pairs) + r;
     return __shfl_sync(kFullMask, ranked, i < slots ? i : i - 1);
   };
-  const T* w2 = static_cast<const T*>(p.w2);
+  const W* w2 = static_cast<const W*>(p.w2);
   auto row_of = [&](int j, int k) {
     return w2 + int64_t(__shfl_sync(kFullMask, e, k)) * p.w2_expert_stride +
            (first + j / pairs) * p.w2_row_stride;
@@ -295,9 +383,9 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
     const float y = rounded<T>(dot, p.w2_bias, int64_t(ek) * H + col);
     sum = __fadd_rn(sum, __fmul_rn(__shfl_sync(kFullMask, weight, k), y));
   };
-  stream_dots<T>(
-      cols * pairs, static_cast<int>(I / P), lane,
-      [&](int j, const T** row) {
+  stream_dots<W>(
+      cols * pairs, static_cast<int>(I / kVec<W>), lane,
+      [&](int j, const W** row) {
         row[0] = row_of(j, slot(j, 0));
         row[1] = row_of(j, slot(j, 1));
       },
@@ -309,9 +397,19 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
             // Slots of other ranks have no activations.
             [&](int i) { return (local >> (i / row_packs)) & 1; },
             [&](int i, const Pack<T, P>& v) {
-              *reinterpret_cast<Pack<T, P>*>(act + int64_t(i) * P) = v;
+              if constexpr (kFp8) {
+#pragma unroll
+                for (int q = 0; q < P; ++q) act[int64_t(i) * P + q] = to_float(v.e[q]);
+              } else {
+                *reinterpret_cast<Pack<T, P>*>(act + int64_t(i) * P) = v;
+              }
             });
         __syncthreads();
+        if constexpr (kFp8) {
+          fake_quantize(act, K, I, I, p.act_group, p.a2_static,
+                        [&](int k) { return (local >> k) & 1; });
+          __syncthreads();
+        }
       },
       [&](int j, int r) { return act + int64_t(slot(j, r)) * I; },
       [&](int j, const float* sums) {
@@ -323,7 +421,14 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
           if (lane == 0) static_cast<T*>(p.out)[t * H + col] = from_float<T>(sum);
           sum = 0.0f;
         }
-      });
+      },
+      [&](int j, const float** srow) {
+        for (int r = 0; r < kRows; ++r) {
+          const int ek = __shfl_sync(kFullMask, e, slot(j, r));
+          srow[r] = scale_row(p.w2_scale, ek, first + j / pairs);
+        }
+      },
+      p.w2_scale.cols_per);
   // Tokens with no local slot: zeros.
   if (pairs == 0 && lane == 0) {
     for (int c = 0; c < cols; ++c) static_cast<T*>(p.out)[t * H + first + c] = from_float<T>(0.0f);
@@ -331,7 +436,10 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
 }
 
 size_t up_smem(const DecodeParams& p) { return size_t(p.hidden) * sizeof(float); }
-size_t down_smem(const DecodeParams& p, int64_t bytes) { return size_t(p.topk * p.inter * bytes); }
+// The staged activations: T, or floats with FP8.
+size_t down_smem(const DecodeParams& p, int64_t bytes) {
+  return size_t(p.topk * p.inter * (p.fp8 ? 4 : bytes));
+}
 
 // Launches `kernel` with `smem` bytes of dynamic shared memory, opting in
 // past the default 48 KiB.
@@ -373,19 +481,52 @@ int64_t element_bytes(ScalarType dtype) {
   }
 }
 
+// Bytes of a weight: the activations' type, or 1 for FP8.
+int64_t weight_bytes(const DecodeParams& p) { return p.fp8 ? 1 : element_bytes(p.dtype); }
+
+// FP8: bf16/fp16 activations quantized per row per group or statically (not
+// per tensor: that scale would span every block), weight scales constant
+// over each 16-weight pack.
+bool fp8_fits(const DecodeParams& p) {
+  return p.dtype != ScalarType::Float && (p.act_group > 0 || (p.a13_static && p.a2_static)) &&
+         p.w13_scale.cols_per % 16 == 0 && p.w2_scale.cols_per % 16 == 0;
+}
+
 // Whether the kernels can take these shapes at all: 16-byte rows and strides,
 // K <= 32, the staged vectors within shared memory.
 bool decode_fits(const DecodeParams& p) {
-  const int64_t bytes = element_bytes(p.dtype);
-  for (int64_t stride : {p.x_stride, p.w13_expert_stride, p.w13_row_stride, p.w2_expert_stride,
-                         p.w2_row_stride})
-    if (bytes == 0 || (stride * bytes) % 16 != 0) return false;
+  const int64_t bytes = element_bytes(p.dtype), wbytes = weight_bytes(p);
+  if (bytes == 0 || (p.fp8 && !fp8_fits(p)) || (p.x_stride * bytes) % 16 != 0) return false;
+  for (int64_t stride : {p.w13_expert_stride, p.w13_row_stride, p.w2_expert_stride, p.w2_row_stride})
+    if ((stride * wbytes) % 16 != 0) return false;
   const size_t max_smem = device_info().max_smem_optin;
-  return bytes > 0 && p.num_tokens > 0 && p.topk > 0 && p.topk <= 32 &&
+  return p.num_tokens > 0 && p.topk > 0 && p.topk <= 32 &&
          p.num_tokens * p.topk <= 65535 &&  // grid.y of up_kernel
-         p.hidden > 0 && (p.hidden * bytes) % 16 == 0 && up_smem(p) <= max_smem &&
-         p.inter > 0 && (p.inter * bytes) % 16 == 0 && down_smem(p, bytes) <= max_smem &&
-         aligned16(p.x) && aligned16(p.w13) && aligned16(p.w2);
+         p.hidden > 0 && (p.hidden * wbytes) % 16 == 0 && (p.hidden * bytes) % 16 == 0 &&
+         up_smem(p) <= max_smem && p.inter > 0 && (p.inter * wbytes) % 16 == 0 &&
+         (p.inter * bytes) % 16 == 0 && down_smem(p, bytes) <= max_smem && aligned16(p.x) &&
+         aligned16(p.w13) && aligned16(p.w2);
+}
+
+// Activations T, weights W (T, or uint8_t for e4m3).
+template <typename T, typename W>
+void launch_typed(const DecodeParams& p, cudaStream_t stream) {
+  const char* name = "fused_experts (decode)";
+  dispatch_activation(p.activation, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    const int64_t slots = p.num_tokens * p.topk, cols = ceil_div(p.inter, p.gated ? 1 : kRows);
+    const int jobs = per_warp(slots * cols);
+    const dim3 grid(grid_size(ceil_div(cols, kWarps * jobs), name), static_cast<unsigned>(slots));
+    launch(p.gated ? up_kernel<T, W, A, true> : up_kernel<T, W, A, false>, grid, up_smem(p), p,
+           jobs, false, stream, "fused_experts (decode): up_kernel");
+  });
+  const int cols = per_warp(p.num_tokens * p.hidden);
+  const dim3 grid(grid_size(ceil_div(p.hidden, kWarps * cols), name),
+                  static_cast<unsigned>(p.num_tokens));
+  // Programmatic dependent launch exists from sm_90 on.
+  const bool overlap = device_info().major >= 9;
+  launch(down_kernel<T, W>, grid, down_smem(p, sizeof(T)), p, cols, overlap, stream,
+         "fused_experts (decode): down_kernel");
 }
 
 }  // namespace
@@ -402,7 +543,7 @@ bool decode_applies(const DecodeParams& p) {
   // slot weights (benchmarks/RESULTS.md, "Decode path").
   const int64_t n13 = p.gated ? 2 * p.inter : p.inter;
   const double slot_bytes = double(p.num_tokens) * p.topk * (n13 + p.inter) * p.hidden *
-                            element_bytes(p.dtype);
+                            weight_bytes(p);
   return p.num_tokens == 1 || slot_bytes <= kMaxSlotBytes;
 }
 
@@ -410,24 +551,15 @@ void decode(const DecodeParams& p, cudaStream_t stream) {
   // The caller decided by decode_applies; only what the kernels need is checked again.
   if (!decode_fits(p) || !aligned16(p.act))
     fail("fused_experts (decode): the shapes or the alignment do not allow this path");
-  const char* name = "fused_experts (decode)";
-  dispatch_float(p.dtype, name, [&](auto tag) {
+  dispatch_float(p.dtype, "fused_experts (decode)", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dispatch_activation(p.activation, [&](auto a) {
-      constexpr Activation A = decltype(a)::value;
-      const int64_t slots = p.num_tokens * p.topk, cols = ceil_div(p.inter, p.gated ? 1 : kRows);
-      const int jobs = per_warp(slots * cols);
-      const dim3 grid(grid_size(ceil_div(cols, kWarps * jobs), name), static_cast<unsigned>(slots));
-      launch(p.gated ? up_kernel<T, A, true> : up_kernel<T, A, false>, grid, up_smem(p), p, jobs,
-             false, stream, "fused_experts (decode): up_kernel");
-    });
-    const int cols = per_warp(p.num_tokens * p.hidden);
-    const dim3 grid(grid_size(ceil_div(p.hidden, kWarps * cols), name),
-                    static_cast<unsigned>(p.num_tokens));
-    // Programmatic dependent launch exists from sm_90 on.
-    const bool overlap = device_info().major >= 9;
-    launch(down_kernel<T>, grid, down_smem(p, sizeof(T)), p, cols, overlap, stream,
-           "fused_experts (decode): down_kernel");
+    if constexpr (std::is_same_v<T, float>) {
+      launch_typed<T, T>(p, stream);
+    } else if (p.fp8) {
+      launch_typed<T, uint8_t>(p, stream);
+    } else {
+      launch_typed<T, T>(p, stream);
+    }
   });
 }
 

@@ -28,6 +28,10 @@ void permute(const PermuteParams& p, void* workspace, cudaStream_t stream);
 
 void activation(const ActivationParams& p, cudaStream_t stream);
 
+// Per tensor: the amax pass needs quantize_fp8_workspace_bytes(p) bytes.
+size_t quantize_fp8_workspace_bytes(const QuantizeParams& p);
+void quantize_fp8(const QuantizeParams& p, void* workspace, cudaStream_t stream);
+
 void unpermute(const UnpermuteParams& p, cudaStream_t stream);
 
 // Whether decode() takes these shapes (p.act and p.out not yet needed):

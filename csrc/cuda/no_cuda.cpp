@@ -21,6 +21,8 @@ void topk(const TopkParams&, cudaStream_t) { no_cuda(); }
 size_t permute_workspace_bytes(const PermuteParams&) { no_cuda(); }
 void permute(const PermuteParams&, void*, cudaStream_t) { no_cuda(); }
 void activation(const ActivationParams&, cudaStream_t) { no_cuda(); }
+size_t quantize_fp8_workspace_bytes(const QuantizeParams&) { no_cuda(); }
+void quantize_fp8(const QuantizeParams&, void*, cudaStream_t) { no_cuda(); }
 void unpermute(const UnpermuteParams&, cudaStream_t) { no_cuda(); }
 bool decode_applies(const DecodeParams&) { no_cuda(); }
 void decode(const DecodeParams&, cudaStream_t) { no_cuda(); }

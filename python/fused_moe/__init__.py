@@ -4,10 +4,11 @@
     out = fused_moe.fused_experts(x, w13, w2, topk_weights, topk_ids)
 """
 
-from ._ops import activation, grouped_gemm, permute, topk, unpermute
+from ._ops import activation, grouped_gemm, permute, quantize_fp8, topk, unpermute
 from .experts import ACTIVATIONS, fused_experts
 from .layer import FusedMoE
 from .parallel import determine_expert_map
+from .quant import QuantConfig
 from .routing import SCORING_FUNCS, fused_topk
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "FusedMoE",
+    "QuantConfig",
     "SCORING_FUNCS",
     "activation",
     "determine_expert_map",
@@ -22,6 +24,7 @@ __all__ = [
     "fused_topk",
     "grouped_gemm",
     "permute",
+    "quantize_fp8",
     "topk",
     "unpermute",
 ]

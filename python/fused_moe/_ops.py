@@ -43,10 +43,38 @@ def permute(
 
 
 def grouped_gemm(
-    a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, bias: torch.Tensor | None = None
+    a: torch.Tensor,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    a_scale: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | list[int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """out[r] = w[e] @ a[r] (+ bias[e]) for rows r of expert e; w is [E, N, K]."""
-    return _ops.grouped_gemm(a, w, expert_offsets, bias)
+    """out[r] = w[e] @ a[r] (+ bias[e]) for rows r of expert e; w is [E, N, K].
+
+    FP8 (a and w float8_e4m3fn): a = q * a_scale with a_scale [R, ceil(K/bk)]
+    (per row per bk columns, needs block_shape), [R, 1] (per row) or [1, 1];
+    w = q * w_scale with w_scale [E, ceil(N/bn), ceil(K/bk)] when block_shape
+    = (bn, bk), else [E, N] (per channel) or [E] (per tensor). ``out_dtype``
+    (default bfloat16) is the output's; bias is in it.
+    """
+    return _ops.grouped_gemm(a, w, expert_offsets, bias, a_scale, w_scale,
+                             None if block_shape is None else list(block_shape), out_dtype)
+
+
+def quantize_fp8(
+    x: torch.Tensor, group_size: int = 0, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [R, K] -> (float8_e4m3fn [R, K], fp32 scales), x = q * scale.
+
+    Dynamic: group_size > 0 one scale per row per group_size columns ([R,
+    ceil(K/group_size)]); 0 one per row ([R, 1]); -1 one for the tensor ([1,
+    1]); each ``max(amax, 1e-10) / 448``. Static: ``scale`` (one element)
+    given, returned as [1, 1]. q = saturate(x / scale) to +-448.
+    """
+    return _ops.quantize_fp8(x, group_size, scale)
 
 
 def activation(x: torch.Tensor, activation: str = "silu", is_act_and_mul: bool = True) -> torch.Tensor:
@@ -81,8 +109,25 @@ def _permute_fake(hidden_states, topk_ids, num_local_experts, expert_map, row_we
 
 
 @torch.library.register_fake("fused_moe::grouped_gemm")
-def _grouped_gemm_fake(a, w, expert_offsets, bias):
-    return a.new_empty((a.shape[0], w.shape[1]))
+def _grouped_gemm_fake(a, w, expert_offsets, bias, a_scale=None, w_scale=None, block_shape=None,
+                       out_dtype=None):
+    if a.dtype == torch.float8_e4m3fn:
+        dtype = out_dtype or torch.bfloat16
+    else:
+        dtype = a.dtype
+    return a.new_empty((a.shape[0], w.shape[1]), dtype=dtype)
+
+
+@torch.library.register_fake("fused_moe::quantize_fp8")
+def _quantize_fp8_fake(x, group_size, scale=None):
+    rows, cols = x.shape
+    if scale is not None or group_size < 0:
+        shape = (1, 1)
+    elif group_size == 0:
+        shape = (rows, 1)
+    else:
+        shape = (rows, -(-cols // group_size))
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("fused_moe::activation")

@@ -23,6 +23,12 @@ def fused_experts(
     expert_map: torch.Tensor | None = None,
     global_num_experts: int | None = None,
     apply_router_weight_on_input: bool = False,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | list[int] | None = None,
+    per_act_token_quant: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] * (W2_e act(W13_e x_t + b13_e) + b2_e)``, e = topk_ids[t,k].
 
@@ -33,9 +39,17 @@ def fused_experts(
     int32 maps global ids to local ones, -1 for experts on other ranks, whose
     slots add nothing. ``apply_router_weight_on_input`` (top-1 only) scales x
     instead of the output. Accumulates in fp32; returns [M, H] in x's dtype.
+
+    FP8 experts (w13, w2 float8_e4m3fn, x bf16/fp16; see ``fused_moe.quant``):
+    ``w13_scale``, ``w2_scale`` fp32 weight scales, ``w = q * scale``: with
+    ``block_shape`` (bn, bk) [E, ceil(N/bn), ceil(K/bk)] and activations
+    quantized per token per bk columns; else per channel [E, N] or per tensor
+    [E], activations quantized per token (``per_act_token_quant``), with the
+    static scales ``a13_scale``/``a2_scale`` (one element each), or per tensor.
     """
     return torch.ops.fused_moe.fused_experts(
         hidden_states, w13, w2, topk_weights, topk_ids, activation, is_act_and_mul,
         w13_bias, w2_bias, expert_map,
         -1 if global_num_experts is None else global_num_experts,
-        apply_router_weight_on_input)
+        apply_router_weight_on_input, w13_scale, w2_scale, a13_scale, a2_scale,
+        None if block_shape is None else list(block_shape), per_act_token_quant)

@@ -14,22 +14,33 @@
 # need max_active_clusters set, else the clusters that do not fit at once run
 # after all the others have finished.
 #
-#   name             schedule     tile M N K    swap A/B
+# Inputs: 16bit (bf16/fp16 a and w, as the output), or fp8_block (e4m3 a and w
+# with fp32 scales per row per 128 columns of a and per 128x128 block of w:
+# DeepSeek-V3's scheme; K tiles of 128, one scale block each). Each kind is
+# ordered on its own; the dispatcher only picks among rows of the input kind.
+#
+#   name                 schedule     tile M N K    swap A/B  inputs
 set(FUSED_MOE_SM90_CONFIG_TABLE
   # One token over few experts (decode with narrow experts): 64-row weight
   # tiles give twice the CTAs of swap_128x16x128, so every SM streams weights.
-  "swap_64x16x128    Pingpong     64 16 128     true"
+  "swap_64x16x128    Pingpong     64 16 128     true  16bit"
   # Few rows per expert (decode): a 16-row N side; deep K tiles keep many
   # weight bytes in flight.
-  "swap_128x16x128   Pingpong     128 16 128    true"
+  "swap_128x16x128   Pingpong     128 16 128    true  16bit"
   # Up to ~32 rows per expert.
-  "swap_128x32x128   Pingpong     128 32 128    true"
+  "swap_128x32x128   Pingpong     128 32 128    true  16bit"
   # Up to ~64 rows per expert.
-  "swap_128x64x64    Pingpong     128 64 64     true"
+  "swap_128x64x64    Pingpong     128 64 64     true  16bit"
   # A few hundred rows per expert: 64-row tiles pad each expert's last tile by
   # half as much as 128-row ones. Pingpong: each consumer warp group owns a
   # whole 64x256 tile, and one's epilogue overlaps the other's mainloop.
-  "ping_64x256x64    Pingpong     64 256 64     false"
+  "ping_64x256x64    Pingpong     64 256 64     false  16bit"
   # Many rows per expert (prefill): the largest tile.
-  "coop_128x256x64   Cooperative  128 256 64    false"
+  "coop_128x256x64   Cooperative  128 256 64    false  16bit"
+  # FP8 with block scales, fewest rows per expert first as above.
+  "fp8_swap_128x16x128  Pingpong  128 16 128   true   fp8_block"
+  "fp8_swap_128x32x128  Pingpong  128 32 128   true   fp8_block"
+  "fp8_swap_128x64x128  Pingpong  128 64 128   true   fp8_block"
+  "fp8_ping_64x128x128  Pingpong  64 128 128   false  fp8_block"
+  "fp8_coop_128x128x128 Cooperative 128 128 128 false fp8_block"
 )

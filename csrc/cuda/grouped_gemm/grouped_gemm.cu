@@ -1,11 +1,13 @@
 // The grouped GEMM dispatcher: an sm90a CUTLASS configuration where one
-// applies (Hopper, bf16/fp16, N and K multiples of 8, 16-byte aligned), else
-// the portable fallback kernel.
+// applies (Hopper, bf16/fp16 out, N and K multiples of 8, 16-byte aligned;
+// FP8 with 128-wide row scales and 128x128 weight blocks), else the portable
+// fallback kernel.
 //
 // FUSED_MOE_GEMM_CONFIG=<name> forces a configuration: "fallback" or a built
 // row of configs.cmake (tests and benchmarks use it). It is read on every call
 // (getenv is cheap) so it can change at run time. A forced sm90 configuration
-// still runs only where the sm90 path applies; elsewhere the fallback runs.
+// runs the calls of its input kind (16-bit or FP8) where the sm90 path
+// applies, the fallback where it does not; the other kind keeps its heuristic.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -17,6 +19,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm/sm90_config_list.h"  // generated: kTable
+#include "cuda/grouped_gemm/sm90_configs.h"
 
 namespace fused_moe::cuda {
 
@@ -36,13 +39,26 @@ bool is_fallback(const char* name) { return std::strcmp(name, "fallback") == 0; 
 // sm_90a code runs on compute capability 9.0 only.
 bool is_sm90(const DeviceInfo& d) { return d.major == 9 && d.minor == 0; }
 
-// What the sm90 kernels need: TMA wants 16-byte aligned bases and rows (8
-// elements of 2 bytes: the strides too, so every expert's base is aligned).
+// The scales the FP8 block configurations read: a per row per 128 columns,
+// w per 128x128 block, dense.
+bool fp8_block_scales(const GroupedGemmParams& p) {
+  const ScaleGrid &a = p.a_scale, &w = p.w_scale;
+  const int64_t kb = ceil_div(p.k, sm90::kScaleBlock), nb = ceil_div(p.n, sm90::kScaleBlock);
+  return a.rows_per == 1 && a.cols_per == sm90::kScaleBlock && a.row_stride == kb &&
+         w.rows_per == sm90::kScaleBlock && w.cols_per == sm90::kScaleBlock &&
+         w.row_stride == kb && w.expert_stride == nb * kb;
+}
+
+// What the sm90 kernels need: TMA wants 16-byte aligned bases and rows (the
+// strides too, so every expert's base is aligned): 8 elements of 2 bytes, 16
+// of FP8.
 bool sm90_applies(const GroupedGemmParams& p, const DeviceInfo& d) {
-  return is_sm90(d) && (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) && p.num_experts > 0 &&
-         p.k > 0 && p.n % 8 == 0 && p.k % 8 == 0 && p.n <= INT32_MAX && p.k <= INT32_MAX && aligned16(p.a) &&
+  const int64_t in = p.fp8 ? 16 : 8;
+  return is_sm90(d) && (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) &&
+         (!p.fp8 || fp8_block_scales(p)) && p.num_experts > 0 && p.k > 0 && p.n % 8 == 0 &&
+         p.k % in == 0 && p.n <= INT32_MAX && p.k <= INT32_MAX && aligned16(p.a) &&
          aligned16(p.w) && aligned16(p.out) && (p.bias == nullptr || aligned16(p.bias)) &&
-         p.a_stride % 8 == 0 && p.w_expert_stride % 8 == 0 && p.w_row_stride % 8 == 0;
+         p.a_stride % in == 0 && p.w_expert_stride % in == 0 && p.w_row_stride % in == 0;
 }
 
 // From the average rows per expert, tuned on an H200 with
@@ -71,15 +87,31 @@ const char* heuristic(const GroupedGemmParams& p, const DeviceInfo& d) {
   return "coop_128x256x64";
 }
 
-// The built row nearest to `name` in configs.cmake's order (rows per expert),
-// the larger tile on a tie; null when this build has no sm90 kernels.
+// FP8 block: the same bands of rows per expert, on K tiles of 128.
+const char* heuristic_fp8(const GroupedGemmParams& p) {
+  const double rows_per_expert = double(p.rows) / p.num_experts;
+  if (rows_per_expert <= 10) return "fp8_swap_128x16x128";
+  if (rows_per_expert <= 24) return "fp8_swap_128x32x128";
+  if (rows_per_expert <= 48) return "fp8_swap_128x64x128";
+  if (rows_per_expert <= (p.num_experts <= 16 ? 1024 : 320)) return "fp8_ping_64x128x128";
+  return "fp8_coop_128x128x128";
+}
+
+// The built row of the same input kind nearest to `name` in configs.cmake's
+// order (rows per expert), the larger tile on a tie; null when this build has
+// none of that kind.
 const sm90::Config* nearest_built(const char* name) {
   const int n = static_cast<int>(sm90::kTable.size());
   int at = 0;
   while (at < n && std::strcmp(sm90::kTable[at].name, name) != 0) ++at;
+  if (at == n) return nullptr;
+  const bool fp8 = sm90::kTable[at].fp8_block;
+  auto built = [&](int i) {
+    return i >= 0 && i < n && sm90::kTable[i].fp8_block == fp8 && sm90::kTable[i].config;
+  };
   for (int step = 0; step < n; ++step) {
-    if (at + step < n && sm90::kTable[at + step].config) return sm90::kTable[at + step].config;
-    if (at - step >= 0 && sm90::kTable[at - step].config) return sm90::kTable[at - step].config;
+    if (built(at + step)) return sm90::kTable[at + step].config;
+    if (built(at - step)) return sm90::kTable[at - step].config;
   }
   return nullptr;
 }
@@ -100,17 +132,20 @@ const sm90::Config* forced_sm90(const char* forced) {
 // The sm90 configuration to run, or null for the fallback.
 const sm90::Config* choose(const GroupedGemmParams& p, const DeviceInfo& d) {
   const char* forced = forced_config();
+  if (forced && is_fallback(forced)) return nullptr;
   const sm90::Config* named = forced_sm90(forced);
-  if (!sm90_applies(p, d) || (forced && !named)) return nullptr;
-  return named ? named : nearest_built(heuristic(p, d));
+  if (named && named->fp8_block == p.fp8) return sm90_applies(p, d) ? named : nullptr;
+  if (!sm90_applies(p, d)) return nullptr;
+  return nearest_built(p.fp8 ? heuristic_fp8(p) : heuristic(p, d));
 }
 
-// The largest over the built configurations, so that the size does not hinge
-// on which one grouped_gemm picks.
-size_t sm90_workspace_bytes(int num_groups, int sm_count) {
+// The largest over the built configurations of the call's input kind, so
+// that the size does not hinge on which one grouped_gemm picks.
+size_t sm90_workspace_bytes(const GroupedGemmParams& p, int sm_count) {
   size_t bytes = 0;
   for (const sm90::Entry& e : sm90::kTable) {
-    if (e.config) bytes = std::max(bytes, e.config->workspace_bytes(num_groups, sm_count));
+    if (e.config && e.fp8_block == p.fp8)
+      bytes = std::max(bytes, e.config->workspace_bytes(p, sm_count));
   }
   return bytes;
 }
@@ -120,7 +155,7 @@ size_t sm90_workspace_bytes(int num_groups, int sm_count) {
 size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p) {
   if (p.rows == 0 || p.n == 0) return 0;
   const DeviceInfo& d = device_info();
-  return choose(p, d) ? sm90_workspace_bytes(p.num_experts, d.sm_count) : 0;  // fallback: none
+  return choose(p, d) ? sm90_workspace_bytes(p, d.sm_count) : 0;  // fallback: none
 }
 
 void grouped_gemm(const GroupedGemmParams& p, void* workspace, cudaStream_t stream) {

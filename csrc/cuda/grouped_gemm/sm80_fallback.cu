@@ -1,6 +1,8 @@
 // The grouped GEMM for every case the sm90 kernels do not take: Ampere, fp32,
-// N or K not multiples of 8, unaligned pointers. Correct for any shape; fast
-// enough to be the Ampere path (tensor-core mma.sync for bf16/fp16).
+// N or K not multiples of 8, unaligned pointers, FP8 scales other than
+// DeepSeek's blocks. Correct for any shape; fast enough to be the Ampere path
+// (tensor-core mma.sync for bf16/fp16). FP8 tiles are dequantized to bf16 as
+// they are loaded into shared memory (any scale grid), then multiplied as bf16.
 //
 // Tiles are numbered expert by expert (ceil(rows_e / kBM) per expert), then
 // the rows past off[E]; each block finds its tile from expert_offsets on the
@@ -8,7 +10,9 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
+#include <cuda_fp8.h>
 #include <cuda_runtime_api.h>
 #include <cute/tensor.hpp>
 #include <cutlass/bfloat16.h>
@@ -128,18 +132,49 @@ __device__ void load_tile(T* smem, const T* src, int64_t ld, int rows, int64_t k
   }
 }
 
-template <class T>
+// load_tile for e4m3 rows: each element times its scale s.at(expert, row0 +
+// r, k0 + c), rounded to T (bf16).
+template <int kRows, class T>
+__device__ void load_tile_fp8(T* smem, const uint8_t* src, int64_t ld, int rows, int64_t k,
+                              int64_t k0, bool vectors, const ScaleGrid& s, int64_t expert,
+                              int64_t row0) {
+  constexpr int kPack = 16, kPerRow = kBK / kPack;
+  // A pack (16 columns from a multiple of 16) lies in one scale block then.
+  const bool one_scale = s.cols_per % kPack == 0;
+  for (int i = threadIdx.x; i < kRows * kPerRow; i += kThreads) {
+    const int r = i / kPerRow, c = i % kPerRow * kPack;
+    uint8_t q[kPack] = {};
+    const bool whole = r < rows && vectors && k0 + c + kPack <= k;
+    if (whole) {
+      *reinterpret_cast<uint4*>(q) = *reinterpret_cast<const uint4*>(src + r * ld + k0 + c);
+    } else {
+      for (int j = 0; j < kPack; ++j)
+        if (r < rows && k0 + c + j < k) q[j] = src[r * ld + k0 + c + j];
+    }
+    const float scale = r < rows && one_scale ? s.at(expert, row0 + r, k0 + c) : 0.0f;
+    for (int j = 0; j < kPack; ++j) {
+      __nv_fp8_e4m3 f;
+      f.__x = q[j];
+      const bool in = r < rows && k0 + c + j < k;
+      const float sj = one_scale ? scale : in ? s.at(expert, row0 + r, k0 + c + j) : 0.0f;
+      smem[r * kLd<T> + c + j] = T(in ? float(f) * sj : 0.0f);
+    }
+  }
+}
+
+// T: of the MMA (and of a, w unless kFp8: e4m3 then); O: of out and bias.
+template <class T, class O, bool kFp8>
 __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmParams p, bool vectors) {
   const Tile tile = find_tile(p.expert_offsets, p.num_experts, p.rows, blockIdx.x);
   if (tile.expert == -2) return;
   const int64_t n = p.n, k = p.k;
   const int64_t n0 = int64_t(blockIdx.y) * kBN;
-  T* out = static_cast<T*>(p.out) + tile.row0 * n;
+  O* out = static_cast<O*>(p.out) + tile.row0 * n;
 
   if (tile.expert == -1) {
     for (int i = threadIdx.x; i < tile.rows * kBN; i += kThreads) {
       const int64_t col = n0 + i % kBN;
-      if (col < n) out[i / kBN * n + col] = T(0);
+      if (col < n) out[i / kBN * n + col] = O(0.0f);
     }
     return;
   }
@@ -158,12 +193,19 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmParam
   Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
   clear(acc);
 
-  const T* a = static_cast<const T*>(p.a) + tile.row0 * p.a_stride;
-  const T* w = static_cast<const T*>(p.w) + tile.expert * p.w_expert_stride + n0 * p.w_row_stride;
+  using In = std::conditional_t<kFp8, uint8_t, T>;
+  const In* a = static_cast<const In*>(p.a) + tile.row0 * p.a_stride;
+  const In* w = static_cast<const In*>(p.w) + tile.expert * p.w_expert_stride + n0 * p.w_row_stride;
   const int w_rows = int(min(int64_t(kBN), n - n0));
   for (int64_t k0 = 0; k0 < k; k0 += kBK) {
-    load_tile<kBM>(smem_a, a, p.a_stride, tile.rows, k, k0, vectors);
-    load_tile<kBN>(smem_b, w, p.w_row_stride, w_rows, k, k0, vectors);
+    if constexpr (kFp8) {
+      load_tile_fp8<kBM>(smem_a, a, p.a_stride, tile.rows, k, k0, vectors, p.a_scale, 0, tile.row0);
+      load_tile_fp8<kBN>(smem_b, w, p.w_row_stride, w_rows, k, k0, vectors, p.w_scale,
+                         tile.expert, n0);
+    } else {
+      load_tile<kBM>(smem_a, a, p.a_stride, tile.rows, k, k0, vectors);
+      load_tile<kBN>(smem_b, w, p.w_row_stride, w_rows, k, k0, vectors);
+    }
     __syncthreads();
     copy(tCsA, tCrA);
     copy(tCsB, tCrB);
@@ -171,33 +213,45 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmParam
     __syncthreads();
   }
 
-  const T* bias = p.bias ? static_cast<const T*>(p.bias) + tile.expert * n : nullptr;
+  const O* bias = p.bias ? static_cast<const O*>(p.bias) + tile.expert * n : nullptr;
   Tensor tCc = thr.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
   for (int i = 0; i < size(acc); ++i) {
     const int r = get<0>(tCc(i));
     const int64_t col = n0 + get<1>(tCc(i));
     if (r < tile.rows && col < n) {
-      out[r * n + col] = T(acc(i) + (bias ? float(bias[col]) : 0.0f));
+      out[r * n + col] = O(acc(i) + (bias ? float(bias[col]) : 0.0f));
     }
   }
 }
 
-template <class T>
+template <class T, class O = T, bool kFp8 = false>
 void launch(const GroupedGemmParams& p, cudaStream_t stream) {
   // 16-byte loads need K and the strides in whole vectors and 16-byte aligned bases.
-  const bool vectors = p.k % kVec<T> == 0 && aligned16(p.a) && aligned16(p.w) &&
-                       p.a_stride % kVec<T> == 0 && p.w_expert_stride % kVec<T> == 0 &&
-                       p.w_row_stride % kVec<T> == 0;
+  const int64_t vec = kFp8 ? 16 : kVec<T>;
+  const bool vectors = p.k % vec == 0 && aligned16(p.a) && aligned16(p.w) &&
+                       p.a_stride % vec == 0 && p.w_expert_stride % vec == 0 &&
+                       p.w_row_stride % vec == 0;
   // sum_e ceil(rows_e / kBM) + ceil(tail / kBM) <= R / kBM + E + 1 tiles.
   const dim3 grid(static_cast<unsigned>(p.rows / kBM + p.num_experts + 1),
                   static_cast<unsigned>((p.n + kBN - 1) / kBN));
-  grouped_gemm_kernel<T><<<grid, kThreads, 0, stream>>>(p, vectors);
+  grouped_gemm_kernel<T, O, kFp8><<<grid, kThreads, 0, stream>>>(p, vectors);
+}
+
+// FP8 inputs: bf16 MMAs, out in p.dtype.
+void launch_fp8(const GroupedGemmParams& p, cudaStream_t stream) {
+  using Bf16 = cutlass::bfloat16_t;
+  if (p.dtype == ScalarType::BFloat16) launch<Bf16, Bf16, true>(p, stream);
+  else if (p.dtype == ScalarType::Half) launch<Bf16, cutlass::half_t, true>(p, stream);
+  else if (p.dtype == ScalarType::Float) launch<Bf16, float, true>(p, stream);
+  else fail("grouped_gemm: out_dtype must be bfloat16, float16 or float32");
 }
 
 }  // namespace
 
 void grouped_gemm_fallback(const GroupedGemmParams& p, cudaStream_t stream) {
-  if (p.dtype == ScalarType::BFloat16) {
+  if (p.fp8) {
+    launch_fp8(p, stream);
+  } else if (p.dtype == ScalarType::BFloat16) {
     launch<cutlass::bfloat16_t>(p, stream);
   } else if (p.dtype == ScalarType::Half) {
     launch<cutlass::half_t>(p, stream);

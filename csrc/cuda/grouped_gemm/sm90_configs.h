@@ -10,18 +10,25 @@
 
 namespace fused_moe::cuda::sm90 {
 
-// A compiled configuration; handles bf16 and fp16, with or without bias.
+// The FP8 scale block: 128 columns (K) of a row of a, 128x128 of w.
+constexpr int kScaleBlock = 128;
+
+// A compiled configuration; handles bf16 and fp16 outputs, with or without bias.
 struct Config {
   const char* name;
-  // Workspace for num_groups experts: the per-group arrays plus CUTLASS's own.
-  size_t (*workspace_bytes)(int num_groups, int sm_count);
-  // Requires: bf16/fp16, N and K multiples of 8, a/w/out/bias 16-byte aligned.
+  // Its inputs: e4m3 with 128-wide row scales and 128x128 weight blocks, or
+  // of the output's type.
+  bool fp8_block;
+  // Workspace for these shapes: the per-group arrays (and FP8 scales) plus CUTLASS's own.
+  size_t (*workspace_bytes)(const GroupedGemmParams& p, int sm_count);
+  // Requires: bf16/fp16 out, N and K multiples of 8 (16 for FP8), a/w/out/bias 16-byte aligned.
   void (*run)(const GroupedGemmParams& p, void* workspace, int sm_count, cudaStream_t stream);
 };
 
 // A row of configs.cmake; config is null where this build left it out.
 struct Entry {
   const char* name;
+  bool fp8_block;
   const Config* config;
 };
 

@@ -10,6 +10,12 @@
 // tile and the rows only the narrow N side. Problem sizes, pointers and strides
 // are built on the device (no host sync; host problem sizes are nullptr), and
 // experts with no rows give empty groups, which the group scheduler skips.
+//
+// FP8 rows (kFp8Block): e4m3 a and w, scaled in the mainloop (CUTLASS's
+// blockwise FP8 kernels) per row per 128 columns of a and per 128x128 block
+// of w. Those kernels read each group's scales M/N-major from a layout they
+// derive from the group's problem size, so build_groups copies the op's
+// row-major scales into that order in the workspace.
 #pragma once
 
 #include <algorithm>
@@ -28,6 +34,7 @@
 #include <cutlass/gemm/dispatch_policy.hpp>
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/detail/blockwise_scale_layout.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
 #include "cuda/common.cuh"
@@ -37,13 +44,20 @@ namespace fused_moe::cuda::sm90 {
 
 enum class Schedule { kCooperative, kPingpong };
 
-template <class Element, class TileShape, class ClusterShape, Schedule kSchedule, bool kSwapAB_>
+// ElementIn: of a and w (Element, or float_e4m3_t with kFp8Block); Element: of out and bias.
+template <class ElementIn, class Element, class TileShape, class ClusterShape, Schedule kSchedule,
+          bool kSwapAB_, bool kFp8Block_>
 struct GroupedGemm {
   static constexpr bool kSwapAB = kSwapAB_;
+  static constexpr bool kFp8Block = kFp8Block_;
   static constexpr bool kCooperative = kSchedule == Schedule::kCooperative;
-  using MainloopSchedule = std::conditional_t<kCooperative,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>;
+  using MainloopSchedule = std::conditional_t<kFp8Block,
+      std::conditional_t<kCooperative,
+          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise>,
+      std::conditional_t<kCooperative,
+          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
+          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>>;
   using EpilogueSchedule = std::conditional_t<kCooperative,
       cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
       cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
@@ -53,7 +67,18 @@ struct GroupedGemm {
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;
   using LayoutD = std::conditional_t<kSwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
-  static constexpr int kAlignment = 8;  // 16 bytes: TMA's requirement
+  static constexpr int kAlignment = 8;  // of out: 16 bytes, TMA's requirement
+  static constexpr int kAlignmentIn = 16 / int(sizeof(ElementIn));
+
+  // Scales of the MMA's A and B: per row of the token rows (granularity 1)
+  // and per 128 of the weight rows, 128 along K; swap-AB swaps them.
+  using ScaleConfig = std::conditional_t<kSwapAB,
+      cutlass::detail::Sm90BlockwiseScaleConfig<kScaleBlock, 1, kScaleBlock>,
+      cutlass::detail::Sm90BlockwiseScaleConfig<1, kScaleBlock, kScaleBlock>>;
+  using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+  using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+  using MainloopLayoutA = std::conditional_t<kFp8Block, cute::tuple<LayoutA*, LayoutSFA*>, LayoutA*>;
+  using MainloopLayoutB = std::conditional_t<kFp8Block, cute::tuple<LayoutB*, LayoutSFB*>, LayoutB*>;
 
   // D = acc + bias[e], bias read through a per-group pointer array. The bias
   // runs along out's columns: the MMA's N in plain mode (a row broadcast), its
@@ -80,7 +105,7 @@ struct GroupedGemm {
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      Element, LayoutA*, kAlignment, Element, LayoutB*, kAlignment, float,
+      ElementIn, MainloopLayoutA, kAlignmentIn, ElementIn, MainloopLayoutB, kAlignmentIn, float,
       TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
@@ -92,16 +117,22 @@ struct GroupedGemm {
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
 
-  // The per-group arrays CUTLASS reads, carved from the front of the workspace.
+  // The per-group arrays CUTLASS reads, carved from the front of the workspace;
+  // with FP8 also each group's scale pointers and the scales in CUTLASS's order:
+  // row_scales[off[e] * kb + k * rows_e + r] and weight_scales[(e * kb + k) * nb + n].
   struct Groups {
     ProblemSize* sizes;
-    const Element** a;
-    const Element** b;
+    const ElementIn** a;
+    const ElementIn** b;
     Element** d;
     const Element** bias;
     StrideA* stride_a;
     StrideB* stride_b;
     StrideD* stride_d;
+    const float** sfa;
+    const float** sfb;
+    float* row_scales;
+    float* weight_scales;
   };
 
   // Hands out 256-byte-aligned pieces of a buffer (base null: just measures).
@@ -116,16 +147,24 @@ struct GroupedGemm {
     }
   };
 
-  static Groups carve(Carver& c, int num_groups) {
-    Groups g;
+  static Groups carve(Carver& c, const GroupedGemmParams& p) {
+    const int num_groups = p.num_experts;
+    Groups g{};
     g.sizes = c.template take<ProblemSize>(num_groups);
-    g.a = c.template take<const Element*>(num_groups);
-    g.b = c.template take<const Element*>(num_groups);
+    g.a = c.template take<const ElementIn*>(num_groups);
+    g.b = c.template take<const ElementIn*>(num_groups);
     g.d = c.template take<Element*>(num_groups);
     g.bias = c.template take<const Element*>(num_groups);
     g.stride_a = c.template take<StrideA>(num_groups);
     g.stride_b = c.template take<StrideB>(num_groups);
     g.stride_d = c.template take<StrideD>(num_groups);
+    if constexpr (kFp8Block) {
+      const int64_t kb = ceil_div(p.k, kScaleBlock), nb = ceil_div(p.n, kScaleBlock);
+      g.sfa = c.template take<const float*>(num_groups);
+      g.sfb = c.template take<const float*>(num_groups);
+      g.row_scales = c.template take<float>(p.rows * kb);
+      g.weight_scales = c.template take<float>(num_groups * nb * kb);
+    }
     return g;
   }
 
@@ -133,19 +172,26 @@ struct GroupedGemm {
     cutlass::KernelHardwareInfo hw;
     hw.sm_count = sm_count;  // given, so CUTLASS queries nothing
     typename Fusion::Arguments fusion{{}, {has_bias ? g.bias : nullptr}, {}};
+    typename Gemm::GemmKernel::MainloopArguments mainloop;
+    if constexpr (kFp8Block) {
+      // The scale layouts are derived from each group's problem size (not read).
+      mainloop = {g.a, g.stride_a, g.b, g.stride_b, g.sfa, nullptr, g.sfb, nullptr};
+    } else {
+      mainloop = {g.a, g.stride_a, g.b, g.stride_b};
+    }
     return typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {num_groups, g.sizes, nullptr},  // sizes on the device only
-        {g.a, g.stride_a, g.b, g.stride_b},
+        mainloop,
         {fusion, nullptr, nullptr, g.d, g.stride_d},
         hw};
   }
 
-  // Depends only on the group count and the SM count: computable on the host.
-  static size_t workspace_bytes(int num_groups, int sm_count) {
+  // Depends only on the shapes and the SM count: computable on the host.
+  static size_t workspace_bytes(const GroupedGemmParams& p, int sm_count) {
     Carver c{0};
-    Groups g = carve(c, num_groups);
-    return c.used + Gemm::get_workspace_size(arguments(g, num_groups, true, sm_count));
+    Groups g = carve(c, p);
+    return c.used + Gemm::get_workspace_size(arguments(g, p.num_experts, true, sm_count));
   }
 };
 
@@ -161,18 +207,55 @@ __device__ Stride with_ld(Stride s, int64_t ld) {
 // (N % 8 == 0 and out 16-byte aligned on this path). Offsets are clamped to
 // [0, rows] and made non-decreasing per expert, so bad ones cannot send TMA
 // out of bounds (ops.cpp checks them only on the CPU).
-template <class G, class Element>
-__global__ void build_groups(typename G::Groups g, const Element* a, int64_t a_stride,
-                             const Element* w, int64_t w_expert_stride, int64_t w_row_stride,
-                             const Element* bias, Element* out, const int32_t* off,
-                             int num_groups, int64_t rows, int n, int k) {
+// The expert whose clamped rows [begin, end) hold row r, or -1 (rows past off[E]).
+__device__ inline int expert_of_row(const int32_t* off, int num_groups, int64_t rows, int64_t r,
+                                    int64_t& begin, int64_t& count) {
+  int lo = 0, hi = num_groups - 1;
+  while (lo < hi) {  // the last expert whose first row is <= r
+    const int mid = (lo + hi + 1) / 2;
+    if (min(max(int64_t(off[mid]), int64_t(0)), rows) <= r) lo = mid; else hi = mid - 1;
+  }
+  begin = min(max(int64_t(off[lo]), int64_t(0)), rows);
+  count = min(max(int64_t(off[lo + 1]), begin), rows) - begin;
+  return r >= begin && r < begin + count ? lo : -1;
+}
+
+// FP8: the scales of a (row-major [R, kb]) and w (row-major [E, nb, kb]) in
+// the M/N-major order of each group (Groups), a grid-stride loop over both.
+template <class G>
+__device__ void order_scales(const G& g, const GroupedGemmParams& p, int64_t first, int64_t step) {
+  const int64_t kb = ceil_div(p.k, kScaleBlock), nb = ceil_div(p.n, kScaleBlock);
+  const int64_t used = min(max(int64_t(p.expert_offsets[p.num_experts]), int64_t(0)), p.rows);
+  for (int64_t i = first; i < used * kb; i += step) {
+    const int64_t r = i / kb, c = i % kb;
+    int64_t begin, count;
+    if (expert_of_row(p.expert_offsets, p.num_experts, p.rows, r, begin, count) < 0) continue;
+    g.row_scales[begin * kb + c * count + r - begin] = p.a_scale.data[r * p.a_scale.row_stride + c];
+  }
+  for (int64_t i = first; i < p.num_experts * nb * kb; i += step) {
+    const int64_t e = i / (nb * kb), n = i / kb % nb, c = i % kb;
+    g.weight_scales[(e * kb + c) * nb + n] =
+        p.w_scale.data[e * p.w_scale.expert_stride + n * p.w_scale.row_stride + c];
+  }
+}
+
+template <class G, class ElementIn, class Element>
+__global__ void build_groups(typename G::Groups g, GroupedGemmParams p) {
+  const ElementIn* a = static_cast<const ElementIn*>(p.a);
+  const ElementIn* w = static_cast<const ElementIn*>(p.w);
+  const Element* bias = static_cast<const Element*>(p.bias);
+  Element* out = static_cast<Element*>(p.out);
+  const int32_t* off = p.expert_offsets;
+  const int num_groups = p.num_experts, n = int(p.n), k = int(p.k);
+  const int64_t rows = p.rows, a_stride = p.a_stride;
+  const int64_t w_expert_stride = p.w_expert_stride, w_row_stride = p.w_row_stride;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = first; e < num_groups; e += step) {
     const int64_t begin = min(max(int64_t(off[e]), int64_t(0)), rows);
     const int m = int(min(max(int64_t(off[e + 1]), begin), rows) - begin);
-    const Element* a_e = a + begin * a_stride;
-    const Element* w_e = w + e * w_expert_stride;
+    const ElementIn* a_e = a + begin * a_stride;
+    const ElementIn* w_e = w + e * w_expert_stride;
     if constexpr (G::kSwapAB) {
       g.sizes[e] = cute::make_shape(n, m, k);
       g.a[e] = w_e;
@@ -194,7 +277,15 @@ __global__ void build_groups(typename G::Groups g, const Element* a, int64_t a_s
     }
     g.d[e] = out + begin * n;
     if (bias) g.bias[e] = bias + e * n;
+    if constexpr (G::kFp8Block) {
+      const int64_t kb = ceil_div(p.k, kScaleBlock), nb = ceil_div(p.n, kScaleBlock);
+      const float* row_scales = g.row_scales + begin * kb;
+      const float* weight_scales = g.weight_scales + e * nb * kb;
+      g.sfa[e] = G::kSwapAB ? weight_scales : row_scales;
+      g.sfb[e] = G::kSwapAB ? row_scales : weight_scales;
+    }
   }
+  if constexpr (G::kFp8Block) order_scales(g, p, first, step);
   const int64_t tail = min(max(int64_t(off[num_groups]), int64_t(0)), rows);
   for (int64_t i = tail * n / kVec<Element> + first; i < rows * n / kVec<Element>; i += step) {
     reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
@@ -208,11 +299,11 @@ inline void check(cutlass::Status status, const char* config, const char* step) 
   }
 }
 
-template <class G, class Element>
+template <class G, class ElementIn, class Element>
 void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, int sm_count,
                cudaStream_t stream) {
   typename G::Carver carver{reinterpret_cast<uintptr_t>(workspace)};
-  const typename G::Groups groups = G::carve(carver, p.num_experts);
+  const typename G::Groups groups = G::carve(carver, p);
   void* cutlass_workspace = static_cast<char*>(workspace) + carver.used;
 
   const int64_t vectors = p.rows * p.n / kVec<Element>;
@@ -220,10 +311,7 @@ void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, 
   const int64_t blocks = std::max<int64_t>(
       std::min<int64_t>((vectors + threads - 1) / threads, sm_count),
       (p.num_experts + threads - 1) / threads);
-  build_groups<G, Element><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      groups, static_cast<const Element*>(p.a), p.a_stride, static_cast<const Element*>(p.w),
-      p.w_expert_stride, p.w_row_stride, static_cast<const Element*>(p.bias), static_cast<Element*>(p.out), p.expert_offsets,
-      p.num_experts, p.rows, static_cast<int>(p.n), static_cast<int>(p.k));
+  build_groups<G, ElementIn, Element><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(groups, p);
   check_launch("grouped_gemm (sm90): build_groups");
 
   const auto args = G::arguments(groups, p.num_experts, p.bias != nullptr, sm_count);
@@ -234,23 +322,32 @@ void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, 
   check_launch("grouped_gemm (sm90): the GEMM");
 }
 
-// Spec: kName, TileShape, ClusterShape, kSchedule, kSwapAB.
+// Spec: kName, TileShape, ClusterShape, kSchedule, kSwapAB, kFp8Block.
 template <class Spec>
 struct ConfigImpl {
+  // The inputs are of the output's type, or e4m3 with FP8 block scales.
   template <class Element>
-  using G = GroupedGemm<Element, typename Spec::TileShape, typename Spec::ClusterShape,
-                        Spec::kSchedule, Spec::kSwapAB>;
+  using In = std::conditional_t<Spec::kFp8Block, cutlass::float_e4m3_t, Element>;
+  template <class Element>
+  using G = GroupedGemm<In<Element>, Element, typename Spec::TileShape,
+                        typename Spec::ClusterShape, Spec::kSchedule, Spec::kSwapAB,
+                        Spec::kFp8Block>;
 
-  static size_t workspace_bytes(int num_groups, int sm_count) {
-    return std::max(G<cutlass::bfloat16_t>::workspace_bytes(num_groups, sm_count),
-                    G<cutlass::half_t>::workspace_bytes(num_groups, sm_count));
+  static size_t workspace_bytes(const GroupedGemmParams& p, int sm_count) {
+    return std::max(G<cutlass::bfloat16_t>::workspace_bytes(p, sm_count),
+                    G<cutlass::half_t>::workspace_bytes(p, sm_count));
+  }
+
+  template <class Element>
+  static void run_as(const GroupedGemmParams& p, void* workspace, int sm_count, cudaStream_t stream) {
+    run_typed<G<Element>, In<Element>, Element>(Spec::kName, p, workspace, sm_count, stream);
   }
 
   static void run(const GroupedGemmParams& p, void* workspace, int sm_count, cudaStream_t stream) {
     if (p.dtype == ScalarType::BFloat16) {
-      run_typed<G<cutlass::bfloat16_t>, cutlass::bfloat16_t>(Spec::kName, p, workspace, sm_count, stream);
+      run_as<cutlass::bfloat16_t>(p, workspace, sm_count, stream);
     } else if (p.dtype == ScalarType::Half) {
-      run_typed<G<cutlass::half_t>, cutlass::half_t>(Spec::kName, p, workspace, sm_count, stream);
+      run_as<cutlass::half_t>(p, workspace, sm_count, stream);
     } else {
       throw std::runtime_error(std::string("fused_moe grouped_gemm (sm90 ") + Spec::kName +
                                "): dtype must be bfloat16 or float16");
@@ -260,7 +357,8 @@ struct ConfigImpl {
 
 template <class Spec>
 constexpr Config make_config() {
-  return Config{Spec::kName, &ConfigImpl<Spec>::workspace_bytes, &ConfigImpl<Spec>::run};
+  return Config{Spec::kName, Spec::kFp8Block, &ConfigImpl<Spec>::workspace_bytes,
+                &ConfigImpl<Spec>::run};
 }
 
 }  // namespace fused_moe::cuda::sm90

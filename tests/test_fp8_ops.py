@@ -1,0 +1,271 @@
+"""The FP8 ops (quantize_fp8, grouped_gemm and fused_experts on e4m3 weights)
+against the float64 reference that emulates each scheme, on CPU and CUDA."""
+
+import os
+
+import pytest
+import torch
+
+import fused_moe
+from fused_moe import quant, reference
+from conftest import random_moe, random_routing, rel_err
+
+FP8 = torch.float8_e4m3fn
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+GEMM_TOL = 1e-2
+EXPERTS_TOL = 3.5e-2
+
+# name -> (QuantConfig, fused_experts kwargs besides the scales, static activation scales)
+SCHEMES = {
+    "block": (quant.QuantConfig.fp8_block(), {"block_shape": (128, 128)}, False),
+    "block64": (quant.QuantConfig.fp8_block((64, 32)), {"block_shape": (64, 32)}, False),
+    "channel_token": (quant.QuantConfig.fp8_channel(), {"per_act_token_quant": True}, False),
+    "channel_static": (quant.QuantConfig.fp8_channel("static"), {}, True),
+    "tensor_static": (quant.QuantConfig.fp8_tensor("static"), {}, True),
+    "tensor_dynamic": (quant.QuantConfig.fp8_tensor("dynamic"), {}, False),
+}
+
+
+def same_bits(a, b):
+    return torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+
+
+# --- quantize_fp8 -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group_size", [128, 64, 7, 0, -1])
+@pytest.mark.parametrize("rows,cols", [(1, 128), (37, 300), (5, 7), (0, 128)])
+def test_quantize_matches_reference(device, dtype, group_size, rows, cols):
+    x = (torch.randn(rows, cols) * 3).to(dtype).to(device)
+    q, s = fused_moe.quantize_fp8(x, group_size)
+    rq, rs = reference.quantize_fp8(x, group_size)
+    assert q.dtype == FP8 and s.dtype == torch.float32 and s.shape == rs.shape
+    assert torch.equal(s.cpu(), rs.cpu())
+    assert same_bits(q, rq)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_static_saturates(device):
+    x = torch.randn(20, 96, device=device, dtype=torch.bfloat16)
+    scale = torch.tensor([x.float().abs().max().item() / 1000], device=device)  # overflows 448
+    q, s = fused_moe.quantize_fp8(x, 0, scale)
+    assert s.shape == (1, 1) and s.item() == scale.item()
+    assert q.float().abs().max().item() == 448.0
+    assert same_bits(q, reference.quantize_fp8(x, 0, scale)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_zero_row_and_strided(device):
+    base = torch.randn(9, 400, device=device, dtype=torch.bfloat16)
+    x = base[:, 16:16 + 256]  # row-strided view
+    x[3] = 0  # an all-zero row: its scales are eps / 448, its values 0
+    q, s = fused_moe.quantize_fp8(x, 128)
+    assert torch.all(s[3] == torch.tensor(1e-10 / 448, dtype=torch.float32))
+    assert torch.all(q[3].float() == 0)
+    rq, rs = reference.quantize_fp8(x.contiguous(), 128)
+    assert torch.equal(s.cpu(), rs.cpu()) and same_bits(q, rq)
+
+
+# --- grouped_gemm -------------------------------------------------------------------
+
+
+def fp8_gemm_inputs(e, n, k, rows, device, config, act_group, gen_counts=None):
+    w = torch.randn(e, n, k) / k**0.5
+    q, ws = quant.quantize_weight(w, config)
+    a = torch.randn(rows, k, dtype=torch.bfloat16)
+    aq, as_ = fused_moe.quantize_fp8(a, act_group)
+    counts = torch.multinomial(torch.ones(e), rows, replacement=True).bincount(minlength=e)
+    if e > 2:
+        counts[1] += counts[2]
+        counts[2] = 0  # an expert with no rows
+    off = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
+    return [t.to(device) for t in (aq, as_, q, ws, off)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme,act_group", [("block", 128), ("block64", 32), ("channel_token", 0),
+                                              ("tensor_static", -1)])
+@pytest.mark.parametrize("e,n,k,rows", [(1, 128, 128, 5), (6, 72, 200, 61), (8, 256, 384, 300)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_grouped_gemm_fp8(device, scheme, act_group, e, n, k, rows, out_dtype):
+    config, kwargs, _ = SCHEMES[scheme]
+    aq, as_, q, ws, off = fp8_gemm_inputs(e, n, k, rows, device, config, act_group)
+    bias = (torch.randn(e, n) * 0.1).to(out_dtype).to(device)
+    block = kwargs.get("block_shape")
+    out = fused_moe.grouped_gemm(aq, q, off, bias, as_, ws, block, out_dtype)
+    ref = reference.grouped_gemm(aq, q, off, bias, a_scale=as_, w_scale=ws, block_shape=block)
+    assert out.dtype == out_dtype and out.shape == (rows, n)
+    assert rel_err(out, ref) <= GEMM_TOL
+
+
+# --- fused_experts ------------------------------------------------------------------
+
+
+def fp8_layer(e, h, i, scheme, device, bias=False):
+    config, kwargs, static = SCHEMES[scheme]
+    ws = random_moe(e, h, i, torch.float32, bias=bias)
+    q13, s13 = quant.quantize_weight(ws["w13"], config)
+    q2, s2 = quant.quantize_weight(ws["w2"], config)
+    kw = dict(kwargs, w13_scale=s13.to(device), w2_scale=s2.to(device))
+    if static:  # calibrated from typical inputs: |x| of N(0,1) tokens, |act| a little under 1
+        kw.update(a13_scale=torch.tensor([4.5 / 448], device=device),
+                  a2_scale=torch.tensor([2.0 / 448], device=device))
+    for name in ("w13_bias", "w2_bias"):
+        if name in ws:
+            kw[name] = ws[name].to(torch.bfloat16).to(device)
+    return q13.to(device), q2.to(device), kw, ws
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("m,e,topk,h,i", [(1, 8, 2, 256, 128), (37, 8, 2, 384, 200),
+                                          (64, 1, 1, 128, 256), (130, 16, 4, 256, 136)])
+def test_fused_experts_fp8(device, scheme, m, e, topk, h, i):
+    q13, q2, kw, ws = fp8_layer(e, h, i, scheme, device, bias=m == 37)
+    x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
+    tw, ti = random_routing(m, e, topk, device=device)
+    out = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
+    ref = reference.fused_experts(x, q13, q2, tw, ti, **kw)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert rel_err(out, ref) <= EXPERTS_TOL
+    # The quantized model stays near the unquantized one.
+    exact = reference.fused_experts(x, ws["w13"], ws["w2"], tw, ti,
+                                    w13_bias=kw.get("w13_bias"), w2_bias=kw.get("w2_bias"))
+    assert rel_err(out, exact) <= 0.12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", ["block", "channel_token", "tensor_static"])
+def test_fused_experts_fp8_expert_map_and_skew(device, scheme):
+    e_global, e_local, m, h, i = 16, 4, 45, 256, 128
+    q13, q2, kw, _ = fp8_layer(e_local, h, i, scheme, device)
+    expert_map = torch.full((e_global,), -1, dtype=torch.int32)
+    expert_map[4:8] = torch.arange(4, dtype=torch.int32)
+    tw, ti = random_routing(m, e_global, 3, device=device, skew="one")
+    ti[:, 0] = 5  # every token's first choice on one local expert
+    x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
+    kw = dict(kw, expert_map=expert_map.to(device), global_num_experts=e_global)
+    out = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
+    ref = reference.fused_experts(x, q13, q2, tw, ti, **kw)
+    assert rel_err(out, ref) <= EXPERTS_TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_experts_fp8_router_weight_on_input_and_empty(device):
+    q13, q2, kw, _ = fp8_layer(8, 256, 128, "block", device)
+    x = torch.randn(23, 256, dtype=torch.bfloat16, device=device)
+    tw, ti = random_routing(23, 8, 1, device=device)
+    out = fused_moe.fused_experts(x, q13, q2, tw, ti, apply_router_weight_on_input=True, **kw)
+    ref = reference.fused_experts(x, q13, q2, tw, ti, apply_router_weight_on_input=True, **kw)
+    assert rel_err(out, ref) <= EXPERTS_TOL
+    empty = fused_moe.fused_experts(x[:0], q13, q2, tw[:0], ti[:0], **kw)
+    assert empty.shape == (0, 256)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_deterministic(device):
+    q13, q2, kw, _ = fp8_layer(8, 256, 128, "block", device)
+    x = torch.randn(77, 256, dtype=torch.bfloat16, device=device)
+    tw, ti = random_routing(77, 8, 2, device=device)
+    first = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
+    assert torch.equal(first, fused_moe.fused_experts(x, q13, q2, tw, ti, **kw))
+    # A token's result does not depend on the batch around it.
+    alone = fused_moe.fused_experts(x[5:6], q13, q2, tw[5:6], ti[5:6], **kw)
+    assert torch.equal(alone, first[5:6])
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+def test_fp8_errors_name_the_argument():
+    q13, q2, kw, _ = fp8_layer(4, 128, 128, "block", "cpu")
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    tw, ti = random_routing(3, 4, 2)
+    with pytest.raises(RuntimeError, match="w13_scale"):
+        fused_moe.fused_experts(x, q13, q2, tw, ti, w2_scale=kw["w2_scale"], block_shape=(128, 128))
+    with pytest.raises(RuntimeError, match="w2_scale"):
+        fused_moe.fused_experts(x, q13, q2, tw, ti, w13_scale=kw["w13_scale"], block_shape=(128, 128))
+    with pytest.raises(RuntimeError, match="w13_scale must have shape"):
+        fused_moe.fused_experts(x, q13, q2, tw, ti, **dict(kw, w13_scale=kw["w13_scale"][:, :1]))
+    with pytest.raises(RuntimeError, match="w2_scale must be Float"):
+        fused_moe.fused_experts(x, q13, q2, tw, ti, **dict(kw, w2_scale=kw["w2_scale"].half()))
+    with pytest.raises(RuntimeError, match="block_shape"):
+        fused_moe.fused_experts(x, q13, q2, tw, ti, **dict(kw, block_shape=(128,)))
+    with pytest.raises(RuntimeError, match="w13_scale"):
+        fused_moe.fused_experts(x, q13.bfloat16(), q2.bfloat16(), tw, ti, **kw)
+    with pytest.raises(RuntimeError, match="a_scale"):
+        fused_moe.grouped_gemm(q13[0, :4].contiguous(), q13, torch.tensor([0, 4, 4, 4, 4]).int(),
+                               None, None, kw["w13_scale"], (128, 128))
+    with pytest.raises(RuntimeError, match="group_size"):
+        fused_moe.quantize_fp8(x, -2)
+    with pytest.raises(RuntimeError, match="one element"):
+        fused_moe.quantize_fp8(x, 0, torch.ones(2))
+
+
+# --- opcheck, compile, CUDA graphs --------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_opcheck(device):
+    q13, q2, kw, _ = fp8_layer(4, 128, 128, "block", device)
+    x = torch.randn(9, 128, dtype=torch.bfloat16, device=device)
+    tw, ti = random_routing(9, 4, 2, device=device)
+    torch.library.opcheck(torch.ops.fused_moe.quantize_fp8.default, (x, 128, None))
+    torch.library.opcheck(torch.ops.fused_moe.quantize_fp8.default,
+                          (x, 0, torch.tensor([0.01], device=device)))
+    aq, as_ = fused_moe.quantize_fp8(x, 128)
+    off = torch.tensor([0, 3, 3, 7, 9], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.fused_moe.grouped_gemm.default,
+                          (aq, q13, off, None, as_, kw["w13_scale"], [128, 128], torch.bfloat16))
+    torch.library.opcheck(torch.ops.fused_moe.fused_experts.default,
+                          (x, q13, q2, tw, ti, "silu", True, None, None, None, -1, False,
+                           kw["w13_scale"], kw["w2_scale"], None, None, [128, 128], False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_compile_fullgraph(device):
+    q13, q2, kw, _ = fp8_layer(4, 128, 128, "block", device)
+    x = torch.randn(9, 128, dtype=torch.bfloat16, device=device)
+    tw, ti = random_routing(9, 4, 2, device=device)
+    fn = torch.compile(lambda *a: fused_moe.fused_experts(*a, **kw), fullgraph=True)
+    assert torch.equal(fn(x, q13, q2, tw, ti), fused_moe.fused_experts(x, q13, q2, tw, ti, **kw))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["block", "channel_token", "tensor_dynamic"])
+def test_fp8_cuda_graph_replay(scheme):
+    q13, q2, kw, _ = fp8_layer(8, 256, 128, scheme, "cuda")
+    x = torch.randn(40, 256, dtype=torch.bfloat16, device="cuda")
+    tw, ti = random_routing(40, 8, 2, device="cuda")
+    fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
+    x2 = torch.randn_like(x)
+    tw2, ti2 = random_routing(40, 8, 2, device="cuda")
+    x.copy_(x2), tw.copy_(tw2), ti.copy_(ti2)
+    graph.replay()
+    assert torch.equal(out, fused_moe.fused_experts(x2, q13, q2, tw2, ti2, **kw))
+
+
+def _sm90_fp8_configs():
+    from fused_moe.__main__ import build_info
+
+    fields = dict(f.split("=", 1) for f in build_info().split(" ") if "=" in f)
+    return [n for n in fields.get("sm90_configs", "").split(",") if n.startswith("fp8_")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", _sm90_fp8_configs() + ["fallback"])
+@pytest.mark.parametrize("e,n,k,rows", [(1, 128, 128, 5), (8, 256, 384, 300), (64, 512, 2880, 700),
+                                        (6, 2880, 256, 90)])
+def test_grouped_gemm_fp8_each_config(monkeypatch, config, e, n, k, rows):
+    monkeypatch.setenv("FUSED_MOE_GEMM_CONFIG", config)
+    aq, as_, q, ws, off = fp8_gemm_inputs(e, n, k, rows, "cuda", quant.QuantConfig.fp8_block(), 128)
+    out = fused_moe.grouped_gemm(aq, q, off, None, as_, ws, (128, 128))
+    ref = reference.grouped_gemm(aq, q, off, None, a_scale=as_, w_scale=ws, block_shape=(128, 128))
+    assert rel_err(out, ref) <= GEMM_TOL
+    assert torch.all(out[off[-1]:] == 0)
