@@ -35,6 +35,15 @@ TOLERANCE = 3.5e-2  # the layer against the float64 emulation of its scheme
 FP8_LOSS = 0.1  # the quantized model against the unquantized one
 
 
+def check(out, emulation, bf16_model, label):
+    """The layer against its scheme's emulation (tight) and the unquantized model (loose)."""
+    err, loss = rel_err(out, emulation), rel_err(out, bf16_model)
+    print(f"{label}: relative error {err:.2e} against the emulation, {loss:.2e} against the "
+          "bf16 model")
+    assert err <= TOLERANCE, f"{label}: {err:.3e} against the emulation"
+    assert loss <= FP8_LOSS, f"{label}: {loss:.3e} against the unquantized model"
+
+
 def rel_err(out, ref):
     out, ref = out.double(), ref.double()
     assert not out.isnan().any()
@@ -205,12 +214,30 @@ def full_dequantized(full, block_shape=None):
             reference.dequantize(full["w2"], full["w2_scale"], block_shape))
 
 
-def rank_slice(w13, w2, tp_size, tp_rank, experts=slice(None)):
-    """The part of the whole layer's (dequantized) w13, w2 a TP rank holds."""
-    inter = w2.shape[2] // tp_size
-    rows = torch.cat([torch.arange(inter) + tp_rank * inter,
-                      torch.arange(inter) + w2.shape[2] + tp_rank * inter])
-    return w13[experts][:, rows], w2[experts][:, :, tp_rank * inter:(tp_rank + 1) * inter]
+def rank_rows(inter, tp_size, tp_rank):
+    """The w13 rows of a TP rank: its slice of gate, then of up."""
+    part = inter // tp_size
+    return torch.cat([torch.arange(part) + tp_rank * part,
+                      torch.arange(part) + inter + tp_rank * part])
+
+
+def rank_slice(w13, w2, tp_size, tp_rank):
+    """The part of the whole layer's w13, w2 a TP rank holds."""
+    part = w2.shape[2] // tp_size
+    return (w13[:, rank_rows(w2.shape[2], tp_size, tp_rank)],
+            w2[:, :, tp_rank * part:(tp_rank + 1) * part])
+
+
+def emulated_ranks(full, tp_size, x, logits, **scheme):
+    """The sum of every TP rank's emulation, for per-row (channel or tensor)
+    scales: each rank quantizes its own part of the intermediate."""
+    total = 0
+    for r in range(tp_size):
+        w13, w2 = rank_slice(full["w13"], full["w2"], tp_size, r)
+        scale13 = full["w13_scale"][:, rank_rows(full["w2"].shape[2], tp_size, r)]
+        total = total + emulated(dict(full, w13=w13, w2=w2, w13_scale=scale13), x, logits,
+                                 **scheme)
+    return total
 
 
 # --- DeepSeek-V3 block scales ----------------------------------------------------------
@@ -232,10 +259,8 @@ def test_deepseek_v3_checkpoint_loads_fp8_and_matches_reference(tmp_path):
     x, logits = tokens()
     out = layer(x, logits)
     assert out.dtype == torch.bfloat16
-    assert rel_err(out, emulated(full, x, logits, block_shape=(128, 128))) <= TOLERANCE
-    loss = rel_err(out, unquantized(gate, up, down, x, logits))
-    print(f"DeepSeek-V3 block fp8 against the bf16 model: relative error {loss:.3e}")
-    assert loss <= FP8_LOSS
+    check(out, emulated(full, x, logits, block_shape=(128, 128)),
+          unquantized(gate, up, down, x, logits), "DeepSeek-V3 block")
 
 
 def test_vllm_style_loop_over_the_mapping_loads_block_scales():
@@ -388,8 +413,8 @@ def test_compressed_tensors_channel_checkpoint(tp_size, tmp_path):
         want13, want2 = rank_slice(full13, full2, tp_size, r)
         assert torch.equal(w13, want13) and torch.equal(w2, want2)
         total = total + layer(x, logits).double()
-    assert rel_err(total, emulated(full, x, logits, per_act_token_quant=True)) <= TOLERANCE
-    assert rel_err(total, unquantized(gate, up, down, x, logits)) <= FP8_LOSS
+    check(total, emulated_ranks(full, tp_size, x, logits, per_act_token_quant=True),
+          unquantized(gate, up, down, x, logits), f"compressed-tensors channel, tp {tp_size}")
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])
@@ -419,8 +444,8 @@ def test_autofp8_static_tensor_checkpoint(tp_size, tmp_path):
         want13, want2 = rank_slice(full13, full2, tp_size, r)
         assert torch.equal(w13, want13) and torch.equal(w2, want2)
         total = total + layer(x, logits).double()
-    assert rel_err(total, emulated(full, x, logits)) <= TOLERANCE
-    assert rel_err(total, unquantized(gate, up, down, x, logits)) <= FP8_LOSS
+    check(total, emulated_ranks(full, tp_size, x, logits),
+          unquantized(gate, up, down, x, logits), f"AutoFP8 static tensor, tp {tp_size}")
 
 
 # --- online quantization -----------------------------------------------------------------
@@ -456,10 +481,10 @@ def test_bf16_checkpoint_is_quantized_as_it_loads(scheme, tp_size, tmp_path):
         want13, want2 = rank_slice(full13, full2, tp_size, r)
         assert torch.equal(w13, want13) and torch.equal(w2, want2)
         total = total + layer(x, logits).double()
-    kwargs = dict(block_shape=block) if block else dict(per_act_token_quant=True)
-    assert rel_err(total, emulated(full, x, logits, **kwargs)) <= TOLERANCE
-    assert rel_err(total, unquantized(gate.float(), up.float(), down.float(), x, logits)) \
-        <= FP8_LOSS
+    emulation = emulated(full, x, logits, block_shape=block) if block else \
+        emulated_ranks(full, tp_size, x, logits, per_act_token_quant=True)
+    check(total, emulation, unquantized(gate.float(), up.float(), down.float(), x, logits),
+          f"online {scheme}, tp {tp_size}")
 
 
 # --- after loading --------------------------------------------------------------------------
