@@ -672,3 +672,37 @@ def test_scales_of_either_checkpoint_shape_load_alike():
     static.weight_loader(static.w13_input_scale, torch.tensor(0.5), "e.0.w1.input_scale", "w1", 0)
     static.weight_loader(static.w13_input_scale, torch.tensor(0.2), "e.0.w3.input_scale", "w3", 0)
     assert static.w13_input_scale[0] == 0.5
+
+
+# --- CUDA -----------------------------------------------------------------------------------
+
+
+CUDA_CASES = {
+    "deepseek_v3": (DEEPSEEK_V3, deepseek_checkpoint, dict(block_shape=(128, 128))),
+    "compressed_channel": (COMPRESSED_CHANNEL, compressed_channel_checkpoint,
+                           dict(per_act_token_quant=True)),
+    "autofp8_static": (AUTOFP8_STATIC, autofp8_checkpoint, {}),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES)
+def test_cuda_fp8_layer_runs_without_host_sync(case):
+    quant_config, write_checkpoint, scheme = CUDA_CASES[case]
+    gate, up, down = float_experts()
+    tensors, full = write_checkpoint(gate, up, down)
+    path = next(iter(tensors)).rsplit(".", 3)[0]  # the experts' module path
+    layer = FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config=quant_config,
+                     device="cuda", prefix=path)
+    load_weights(model_of(layer, path), tensors.items())
+    x, logits = tokens()
+    x = x * 0.5  # within the AutoFP8 checkpoint's static scales
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x.cuda(), logits.cuda())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check(out.cpu(), emulated(full, x, logits, **scheme), unquantized(gate, up, down, x, logits),
+          f"CUDA {case}")
