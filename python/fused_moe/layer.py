@@ -23,6 +23,7 @@ from .parallel import (
     replica_table,
     resolve_parallel,
 )
+from .quant import FP8_DTYPE, QuantConfig, as_quant_config
 from .routing import SCORING_FUNCS, fused_topk
 
 
@@ -59,6 +60,26 @@ class FusedMoE(torch.nn.Module):
     replicate logical experts (physical p holds logical p % num_experts); token
     t uses replica t % num_replicas of each of its experts; ``expert_load``
     counts the slots routed to each logical expert, accumulated over forwards.
+
+    FP8 experts (``quant_config``: a fused_moe.quant.QuantConfig, one of the
+    names "fp8" (block), "fp8-block", "fp8-channel", "fp8-tensor", or a
+    checkpoint's ``quantization_config`` dict): ``w13_weight``/``w2_weight``
+    are float8_e4m3fn and the scales take vLLM's names, fp32, one row per
+    local expert:
+
+    - block (bn, bk): ``w13_weight_scale_inv`` [E, ceil(2I/bn), ceil(H/bk)],
+      ``w2_weight_scale_inv`` [E, ceil(H/bn), ceil(I/bk)], on this rank's grid
+      ``block_shape`` (the checkpoint's, or finer where I/tp does not fill
+      whole blocks; see fused_moe.shards);
+    - channel: ``w13_weight_scale`` [E, 2I, 1], ``w2_weight_scale`` [E, H, 1];
+    - tensor: ``w13_weight_scale`` [E, 2] (gate's and up's: [E, 1] without
+      is_act_and_mul), ``w2_weight_scale`` [E];
+    - static activations: ``w13_input_scale`` [E], ``w2_input_scale`` [E];
+      the forward uses the largest of each.
+
+    A float checkpoint loads into an FP8 layer quantized (online
+    quantization). ``process_weights_after_loading`` turns the scales into
+    what the kernels take, once; the first forward calls it if loading did not.
     """
 
     def __init__(
@@ -91,6 +112,7 @@ class FusedMoE(torch.nn.Module):
         enable_eplb: bool = False,
         num_redundant_experts: int = 0,
         shared_experts: torch.nn.Module | None = None,
+        quant_config=None,
         prefix: str = "",
         device: torch.device | str | None = None,
     ):
@@ -119,9 +141,11 @@ class FusedMoE(torch.nn.Module):
         self.is_act_and_mul = is_act_and_mul
         self.shared_experts = shared_experts
         self.prefix = prefix
+        self.quant_config = as_quant_config(quant_config)
         self._init_parallel(tp_size, tp_rank, ep_size, ep_rank, process_group, reduce_results)
         self._init_experts(expert_placement_strategy, enable_eplb, num_redundant_experts, device)
         self._init_params(params_dtype or torch.get_default_dtype(), has_bias, device)
+        self._init_scales(device)
 
     def _init_parallel(self, tp_size, tp_rank, ep_size, ep_rank, process_group, reduce_results):
         config = resolve_parallel(tp_size, tp_rank, ep_size, ep_rank, process_group)
@@ -168,13 +192,41 @@ class FusedMoE(torch.nn.Module):
         inter = self.intermediate_size // self.tp_size
         rows = 2 * inter if self.is_act_and_mul else inter
         e, h = self.local_num_experts, self.hidden_size
-        self.w13_weight = self._param(torch.empty(e, rows, h, dtype=dtype, device=device))
-        self.w2_weight = self._param(torch.empty(e, h, inter, dtype=dtype, device=device))
+        weight_dtype = dtype if self.quant_config is None else FP8_DTYPE
+        self.w13_weight = self._param(torch.empty(e, rows, h, dtype=weight_dtype, device=device))
+        self.w2_weight = self._param(torch.empty(e, h, inter, dtype=weight_dtype, device=device))
         # Biases start at zero: TP ranks other than 0 keep w2_bias at zero.
         self.w13_bias = self._param(torch.zeros(e, rows, dtype=dtype, device=device)) \
             if has_bias else None
         self.w2_bias = self._param(torch.zeros(e, h, dtype=dtype, device=device)) \
             if has_bias else None
+
+    def _init_scales(self, device):
+        """The scale parameters of the FP8 scheme (none without one). Weight
+        scales start at 1; input scales at 0, so that one never loaded is
+        found by process_weights_after_loading."""
+        config = self.quant_config
+        self.block_shape = None
+        self._op_scales = None  # the kernels' form of the scales, made after loading
+        if config is None:
+            return
+        e, h = self.local_num_experts, self.hidden_size
+        rows, inter = self.w13_weight.shape[1], self.w2_weight.shape[2]
+        if config.weight_scale == "block":
+            self.block_shape = shards.local_block_shape(config.block_shape, inter)
+            grid = QuantConfig.fp8_block(self.block_shape)
+            shapes = {"w13_weight_scale_inv": grid.weight_scale_shape(e, rows, h),
+                      "w2_weight_scale_inv": grid.weight_scale_shape(e, h, inter)}
+        elif config.weight_scale == "channel":
+            shapes = {"w13_weight_scale": (e, rows, 1), "w2_weight_scale": (e, h, 1)}
+        else:
+            shapes = {"w13_weight_scale": (e, 2 if self.is_act_and_mul else 1),
+                      "w2_weight_scale": (e,)}
+        for name, shape in shapes.items():
+            setattr(self, name, self._param(torch.ones(shape, device=device)))
+        for name in ("w13_input_scale", "w2_input_scale"):
+            setattr(self, name, self._param(torch.zeros(e, device=device))
+                    if config.static_activations else None)
 
     def _param(self, data):
         param = torch.nn.Parameter(data, requires_grad=False)
@@ -191,12 +243,15 @@ class FusedMoE(torch.nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)  # a view where it can be: ops take strides
         logits = router_logits.reshape(-1, router_logits.shape[-1])
         topk_weights, topk_ids = self.route(x, logits)
+        if self.quant_config is not None and self._op_scales is None:
+            self.process_weights_after_loading()
         out = fused_experts(
             x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
             activation=self.activation, is_act_and_mul=self.is_act_and_mul,
             w13_bias=self.w13_bias, w2_bias=self.w2_bias, expert_map=self.expert_map,
             global_num_experts=self.num_physical_experts,
-            apply_router_weight_on_input=self.apply_router_weight_on_input)
+            apply_router_weight_on_input=self.apply_router_weight_on_input,
+            **(self._op_scales or {}))
         if self.reduce_results:
             out = all_reduce(out, self.process_group)
         if self.shared_experts is not None and self.adds_shared:
@@ -223,6 +278,52 @@ class FusedMoE(torch.nn.Module):
             ids = choose_replicas(ids, self.replica_table, self.replica_count)
         return weights, ids
 
+    # --- after loading -------------------------------------------------------------
+
+    def process_weights_after_loading(self) -> None:
+        """Makes the scales' kernel form from the loaded ones, once (vLLM's
+        step of the same name): block scales as they are; channel [E, N, 1]
+        as [E, N] (views); tensor scales of w1 and w3 spread over their rows,
+        [E, 2I] (exact: no requantization); static input scales as the
+        largest of the experts'. Checks that static input scales were loaded.
+        Loading anything afterwards, or moving the layer, makes it again."""
+        config = self.quant_config
+        if config is None:
+            return
+        with torch.no_grad():
+            scales = {"block_shape": self.block_shape,
+                      "per_act_token_quant": config.per_act_token_quant}
+            if config.weight_scale == "block":
+                scales.update(w13_scale=self.w13_weight_scale_inv,
+                              w2_scale=self.w2_weight_scale_inv)
+            elif config.weight_scale == "channel":
+                scales.update(w13_scale=self.w13_weight_scale.squeeze(-1),
+                              w2_scale=self.w2_weight_scale.squeeze(-1))
+            else:
+                scales.update(w13_scale=self._w13_tensor_scale_per_row(),
+                              w2_scale=self.w2_weight_scale)
+            if config.static_activations:
+                scales.update(a13_scale=_static_input_scale(self.w13_input_scale, "w13"),
+                              a2_scale=_static_input_scale(self.w2_input_scale, "w2"))
+        self._op_scales = scales
+
+    def _w13_tensor_scale_per_row(self):
+        """[E, 2] (gate, up) tensor scales as one per w13 row, [E, rows]."""
+        s = self.w13_weight_scale
+        half = self.w13_weight.shape[1] // s.shape[1]
+        if self.activation == "swigluoai":  # gate/up rows interleaved
+            return s.repeat(1, half)
+        return s.repeat_interleave(half, dim=1)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moved or cast: the kernel-form scales are made again from the new parameters.
+        self._op_scales = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._op_scales = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     # --- loading ------------------------------------------------------------------
 
     def weight_loader(self, param: torch.nn.Parameter, loaded_weight: torch.Tensor,
@@ -237,6 +338,7 @@ class FusedMoE(torch.nn.Module):
         ``expert_id=None``). Experts on other ranks are skipped: returns False
         then (True when loaded) if ``return_success``, else None.
         """
+        self._op_scales = None
         with torch.no_grad():
             ok = shards.load_expert_weight(self, param, loaded_weight, weight_name, shard_id,
                                            expert_id)
@@ -271,10 +373,9 @@ class FusedMoE(torch.nn.Module):
             if not name.startswith(head):
                 continue
             for param_name, shard_id, expert_id in shards.targets(self, name[len(head):], name):
-                param = getattr(self, param_name)
+                param = getattr(self, param_name, None)
                 if param is None:
-                    raise ValueError(f"{name}: the layer has no {param_name}: expected "
-                                     "has_bias=True for a checkpoint with expert biases")
+                    raise ValueError(shards.missing_param_message(name, param_name))
                 if self.weight_loader(param, tensor, name, shard_id, expert_id,
                                       return_success=True):
                     loaded.add(head + param_name)
@@ -284,11 +385,22 @@ class FusedMoE(torch.nn.Module):
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"activation={self.activation!r}, tp={self.tp_rank}/{self.tp_size}, "
-                f"ep={self.ep_rank}/{self.ep_size}, local_num_experts={self.local_num_experts}")
+                f"ep={self.ep_rank}/{self.ep_size}, local_num_experts={self.local_num_experts}"
+                + ("" if self.quant_config is None else f", quant_config={self.quant_config}"))
 
 
 def _to(t, device):
     return None if t is None else t.to(device)
+
+
+def _static_input_scale(scale, name):
+    """The one activation scale of a static scheme: the largest expert's, so
+    that no expert's inputs saturate."""
+    if bool((scale <= 0).any()):
+        missing = torch.nonzero(scale <= 0).flatten().tolist()
+        raise ValueError(f"{name}_input_scale of local experts {missing} is not loaded: a static "
+                         "activation scheme needs the checkpoint's input_scale of every expert")
+    return scale.amax().reshape(1)
 
 
 def _check_sizes(num_experts, top_k, hidden_size, intermediate_size):

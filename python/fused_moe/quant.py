@@ -15,6 +15,10 @@ tensor    [E]                                           static, or dynamic per t
 Every scale is ``max(amax, SCALE_EPS) / FP8_MAX`` of the values it covers and
 ``q = saturate(x / scale)``, for weights (quantize_weight) and activations
 (the ``quantize_fp8`` op) alike.
+
+:meth:`QuantConfig.from_checkpoint` reads the ``quantization_config`` of a
+checkpoint's config.json: ``fp8`` (DeepSeek-V3/R1, Qwen3-FP8, AutoFP8),
+``compressed-tensors`` (float 8-bit weights), ``fbgemm_fp8`` and ModelOpt FP8.
 """
 
 from __future__ import annotations
@@ -79,6 +83,23 @@ class QuantConfig:
     def fp8_tensor(cls, activation_scheme="static") -> QuantConfig:
         return cls("tensor", None, activation_scheme, False)
 
+    @classmethod
+    def from_checkpoint(cls, quantization_config: dict) -> QuantConfig:
+        """The scheme of a checkpoint's ``quantization_config`` (config.json).
+
+        Raises NotImplementedError for a method or format that is known but
+        not supported (mxfp4, gptq, awq, e5m2, ...), ValueError for a config
+        that is not one."""
+        if not isinstance(quantization_config, dict):
+            raise ValueError(f"quantization_config must be a dict, got "
+                             f"{type(quantization_config).__name__}")
+        method = quantization_config.get("quant_method")
+        parse = _CHECKPOINT_METHODS.get(method)
+        if parse is None:
+            raise NotImplementedError(f"quantization_config: quant_method={method!r} is not "
+                                      f"supported yet (supported: {sorted(_CHECKPOINT_METHODS)})")
+        return parse(quantization_config)
+
     @property
     def static_activations(self) -> bool:
         return self.activation_scheme == "static"
@@ -107,14 +128,128 @@ _NAMED = {
 
 
 def as_quant_config(spec) -> QuantConfig | None:
-    """None, a QuantConfig, or one of the names "fp8" (= "fp8-block"),
-    "fp8-block", "fp8-channel", "fp8-tensor" (dynamic activations)."""
+    """None, a QuantConfig, one of the names "fp8" (= "fp8-block"),
+    "fp8-block", "fp8-channel", "fp8-tensor" (dynamic activations), or a
+    checkpoint's ``quantization_config`` dict (QuantConfig.from_checkpoint)."""
     if spec is None or isinstance(spec, QuantConfig):
         return spec
     if isinstance(spec, str) and spec in _NAMED:
         return _NAMED[spec]()
-    raise ValueError(f"quant_config must be None, a QuantConfig or one of {sorted(_NAMED)}, "
-                     f"got {spec!r}")
+    if isinstance(spec, dict):
+        return QuantConfig.from_checkpoint(spec)
+    raise ValueError(f"quant_config must be None, a QuantConfig, a checkpoint's "
+                     f"quantization_config dict or one of {sorted(_NAMED)}, got {spec!r}")
+
+
+# --- checkpoint quantization configs ------------------------------------------------
+
+
+def _fp8_config(config: dict) -> QuantConfig:
+    """``quant_method: fp8``: block scales with ``weight_block_size`` [bn, bk]
+    (DeepSeek-V3/R1, Qwen3-FP8; dynamic activations), else one scale per
+    tensor with ``activation_scheme`` static (AutoFP8) or dynamic."""
+    _check_fp8_format(config.get("fmt", "e4m3"), "fmt")
+    scheme = config.get("activation_scheme", "dynamic")
+    if scheme not in ACTIVATION_SCHEMES:
+        raise ValueError(f"quantization_config: activation_scheme={scheme!r}, expected one of "
+                         f"{ACTIVATION_SCHEMES}")
+    block = config.get("weight_block_size")
+    if block is None:
+        return QuantConfig.fp8_tensor(scheme)
+    if scheme != "dynamic":
+        raise ValueError(f"quantization_config: weight_block_size={block} with "
+                         f"activation_scheme={scheme!r}, expected 'dynamic' (block scales "
+                         "quantize activations per token per block)")
+    return QuantConfig.fp8_block(_block_shape(block, "weight_block_size"))
+
+
+def _compressed_tensors_config(config: dict) -> QuantConfig:
+    """``quant_method: compressed-tensors`` with float 8-bit weights: weight
+    ``strategy`` channel, tensor or block (``block_structure``);
+    ``input_activations`` dynamic (per ``token`` or per ``tensor``; per group
+    with block weights) or static (per tensor)."""
+    groups = config.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError("quantization_config: compressed-tensors needs config_groups, got "
+                         f"{groups!r}")
+    schemes = {_compressed_tensors_group(name, group) for name, group in groups.items()}
+    if len(schemes) > 1:
+        raise NotImplementedError(f"quantization_config: config_groups {sorted(groups)} give "
+                                  f"different schemes {sorted(map(str, schemes))}: one scheme "
+                                  "for every layer is supported yet")
+    return schemes.pop()
+
+
+def _compressed_tensors_group(name: str, group: dict) -> QuantConfig:
+    weights = group.get("weights") or {}
+    kind, bits = weights.get("type"), weights.get("num_bits")
+    if (kind, bits) != ("float", 8):
+        raise NotImplementedError(f"quantization_config: config_groups.{name}.weights type="
+                                  f"{kind!r} num_bits={bits!r} is not supported yet (expected "
+                                  "type='float', num_bits=8: FP8)")
+    strategy = weights.get("strategy")
+    activations = group.get("input_activations")
+    if activations is None:
+        raise NotImplementedError(f"quantization_config: config_groups.{name} has no "
+                                  "input_activations: weight-only FP8 is not supported yet")
+    dynamic = bool(activations.get("dynamic"))
+    act_strategy = activations.get("strategy")
+    where = f"config_groups.{name}"
+    if strategy == "block":
+        shape = _block_shape(weights.get("block_structure"), f"{where}.weights.block_structure")
+        if not dynamic:
+            raise ValueError(f"quantization_config: {where} block weights with static "
+                             "input_activations, expected dynamic ones")
+        return QuantConfig.fp8_block(shape)
+    if strategy not in ("channel", "tensor"):
+        raise NotImplementedError(f"quantization_config: {where}.weights strategy="
+                                  f"{strategy!r} is not supported yet (expected channel, "
+                                  "tensor or block)")
+    expected = ("token", "tensor") if dynamic else ("tensor",)
+    if act_strategy not in expected:
+        raise ValueError(f"quantization_config: {where}.input_activations strategy="
+                         f"{act_strategy!r} with dynamic={dynamic}, expected one of {expected}")
+    return QuantConfig(strategy, None, "dynamic" if dynamic else "static",
+                       act_strategy == "token")
+
+
+def _fbgemm_fp8_config(config: dict) -> QuantConfig:
+    """``quant_method: fbgemm_fp8``: per-channel weights, activations per
+    token. Its ``activation_scale_ub`` (an upper bound on activation amax)
+    is not applied: activations take their own amax."""
+    return QuantConfig.fp8_channel("dynamic")
+
+
+def _modelopt_config(config: dict) -> QuantConfig:
+    """``quant_method: modelopt`` with ``quant_algo: FP8``: per-tensor
+    weights and static per-tensor activations."""
+    algo = config.get("quant_algo")
+    if algo != "FP8":
+        raise NotImplementedError(f"quantization_config: modelopt quant_algo={algo!r} is not "
+                                  "supported yet (expected 'FP8')")
+    return QuantConfig.fp8_tensor("static")
+
+
+_CHECKPOINT_METHODS = {
+    "fp8": _fp8_config,
+    "compressed-tensors": _compressed_tensors_config,
+    "fbgemm_fp8": _fbgemm_fp8_config,
+    "modelopt": _modelopt_config,
+}
+
+
+def _check_fp8_format(fmt, key):
+    if fmt != "e4m3":
+        raise NotImplementedError(f"quantization_config: {key}={fmt!r}: only the e4m3 FP8 "
+                                  "format (float8_e4m3fn) is supported")
+
+
+def _block_shape(block, key):
+    if not isinstance(block, (list, tuple)) or len(block) != 2 \
+            or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(f"quantization_config: {key}={block!r}, expected [bn, bk] of positive "
+                         "ints")
+    return tuple(block)
 
 
 def _scale_of(amax: torch.Tensor) -> torch.Tensor:

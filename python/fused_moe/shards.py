@@ -14,7 +14,18 @@ Accepted expert tensors, named relative to a FusedMoE layer:
   transposed [E, H, 2I], ``down_proj`` [E, H, I] or [E, I, H], and
   ``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H];
 - the layer's own unsharded state dict: ``w13_weight`` [E, 2I, H],
-  ``w2_weight``, ``w13_bias``, ``w2_bias``.
+  ``w2_weight``, ``w13_bias``, ``w2_bias`` (and the scales below, named
+  ``w13_`` / ``w2_`` + scale name, [E, ...]).
+
+FP8 layers (``quant_config``) take fp8 (e4m3fn) weights with their fp32 (or
+bf16) scales, per expert next to the weight, as DeepSeek-V3, compressed-tensors
+and AutoFP8 name them: ``{e}.gate_proj.weight_scale_inv`` (block scales
+[ceil(out/bn), ceil(in/bk)]; compressed-tensors calls block scales
+``weight_scale``), ``{e}.w1.weight_scale`` (channel [out, 1] or [out], or
+tensor, one element), ``{e}.w1.input_scale`` (static activations, one
+element; w1's and w3's are one scale of the expert: the larger is kept, it
+never saturates). A float weight in an FP8 layer is quantized as it loads
+(online quantization, one expert at a time), then loaded like an fp8 one.
 
 Tensors are always the full, unsharded ones; each rank keeps its part: rows
 I*r/tp .. I*(r+1)/tp of gate and of up (a contiguous block of gate/up pairs
@@ -22,15 +33,25 @@ for ``swigluoai``, whose w13 interleaves them as gpt-oss does: w1 fills the
 even rows, w3 the odd ones), the same columns of down; the down bias whole,
 on TP rank 0 only. A layer without ``is_act_and_mul`` has one input
 projection, named w1 or w3 (Nemotron-H calls it up_proj).
+
+Scales follow their weights: channel scales are cut like the rows they
+scale, w2's kept whole; tensor scales are one per expert (w1's and w3's kept
+apart, [E, 2]); block scales are cut on the block grid. Where a rank's
+I/tp columns do not fill whole blocks (Qwen3-FP8 at tp 4: 192 of 128), the
+rank's scales take a finer grid, ``local_block_shape``: each fine block lies
+in one checkpoint block and takes its scale, so the weights are exactly the
+checkpoint's; activations are then quantized per that finer bk.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
 from .parallel import initial_physical_to_logical
+from .quant import FP8_DTYPE, quantize_weight
 
 # Checkpoint names of (gate, down, up) per expert that loading recognises.
 PER_EXPERT_NAMES = (("w1", "w2", "w3"), ("gate_proj", "down_proj", "up_proj"))
@@ -46,7 +67,35 @@ WHOLE_LAYER_NAMES = {
     "w13_bias": ("w13_bias", "w13"),
     "w2_bias": ("w2_bias", "w2"),
 }
-_OWN_NAMES = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
+# Scale names after a weight's name (``{e}.w1.<name>``, ``w13_<name>``).
+SCALE_NAMES = ("weight_scale_inv", "weight_scale", "input_scale")
+WHOLE_LAYER_NAMES.update({f"{p}_{n}": (f"{p}_{n}", p) for p in ("w13", "w2") for n in SCALE_NAMES})
+_WEIGHTS = ("w13_weight", "w2_weight")
+_SCALES = tuple(f"{p}_{n}" for p in ("w13", "w2") for n in SCALE_NAMES)
+_OWN_NAMES = ("w13_weight", "w2_weight", "w13_bias", "w2_bias") + _SCALES
+
+
+def local_block_shape(block_shape: tuple[int, int], inter: int) -> tuple[int, int]:
+    """The block grid of a rank holding ``inter`` (I/tp) intermediate columns:
+    the checkpoint's (bn, bk), each side refined to gcd(b, inter) where inter
+    is not a multiple of it, so that every rank's blocks lie in checkpoint
+    blocks (gate/up halves and TP cuts fall on block edges)."""
+    return tuple(b if inter % b == 0 else math.gcd(b, inter) for b in block_shape)
+
+
+def weight_scale_name(config, weight: str) -> str:
+    """The scale parameter of ``weight`` (w13_weight, w2_weight) under ``config``."""
+    suffix = "weight_scale_inv" if config.weight_scale == "block" else "weight_scale"
+    return f"{weight[:-len('weight')]}{suffix}"
+
+
+def missing_param_message(name: str, param_name: str) -> str:
+    if param_name.endswith("bias"):
+        return (f"{name}: the layer has no {param_name}: expected has_bias=True for a "
+                "checkpoint with expert biases")
+    return (f"{name}: the layer has no {param_name}: expected a quant_config whose scheme has "
+            "it (checkpoint scales: weight_scale_inv for block scales, weight_scale for "
+            "channel or tensor ones)")
 
 
 def make_expert_params_mapping(ckpt_gate_proj_name: str, ckpt_down_proj_name: str,
@@ -82,23 +131,39 @@ def expert_checkpoint_names(num_experts: int, num_redundant_experts: int = 0
 
 
 
-_PER_EXPERT = re.compile(r"(\d+)\.(\w+)\.(weight|bias)")
+_PER_EXPERT = re.compile(r"(\d+)\.(\w+)\.(weight_scale_inv|weight_scale|input_scale|weight|bias)")
 
 
 def targets(layer, relative: str, name: str) -> list[tuple[str, str, int | None]]:
     """(parameter name, shard_id, expert_id) of every place the tensor named
-    ``relative`` (to the layer; ``name`` in full, for errors) goes in ``layer``."""
+    ``relative`` (to the layer; ``name`` in full, for errors) goes in ``layer``.
+    Input scales of a layer without static activations go nowhere: it
+    computes its own."""
     if relative in WHOLE_LAYER_NAMES:
         param_name, shard_id = WHOLE_LAYER_NAMES[relative]
-        return [(param_name, shard_id, None)]
-    match = _PER_EXPERT.fullmatch(relative)
-    entries = layer.checkpoint_names.get(f"experts.{match[1]}.{match[2]}.") if match else None
-    if not entries:
-        raise ValueError(f"{name}: not an expert tensor of FusedMoE: expected {{e}}.{{w1|w2|w3|"
-                         f"gate_proj|up_proj|down_proj}}.{{weight|bias}} with e < "
-                         f"{layer.num_experts}, or one of {sorted(WHOLE_LAYER_NAMES)}")
-    return [(param_name[len("experts."):] + match[3], shard_id, expert_id)
-            for param_name, expert_id, shard_id in entries]
+        found = [(_own_param_name(layer, param_name), shard_id, None)]
+    else:
+        match = _PER_EXPERT.fullmatch(relative)
+        entries = layer.checkpoint_names.get(f"experts.{match[1]}.{match[2]}.") if match else None
+        if not entries:
+            raise ValueError(f"{name}: not an expert tensor of FusedMoE: expected {{e}}.{{w1|w2|"
+                             f"w3|gate_proj|up_proj|down_proj}}.{{weight|bias|weight_scale|"
+                             f"weight_scale_inv|input_scale}} with e < {layer.num_experts}, or "
+                             f"one of {sorted(WHOLE_LAYER_NAMES)}")
+        found = [(_own_param_name(layer, param_name[len("experts."):] + match[3]), shard_id,
+                  expert_id) for param_name, expert_id, shard_id in entries]
+    if found[0][0].endswith("input_scale") and getattr(layer, found[0][0], None) is None:
+        return []
+    return found
+
+
+def _own_param_name(layer, param_name):
+    """compressed-tensors names block scales weight_scale: the layer's are weight_scale_inv."""
+    config = layer.quant_config
+    if param_name.endswith("weight_scale") and config is not None \
+            and config.weight_scale == "block":
+        return param_name + "_inv"
+    return param_name
 
 
 # --- weight_loader ------------------------------------------------------------------
@@ -111,26 +176,48 @@ def load_expert_weight(layer, param: torch.nn.Parameter, loaded_weight: torch.Te
 
     With ``expert_id`` None, ``loaded_weight`` holds every logical expert (a
     leading [E] dimension) and fills all local experts, replicas included.
+    A float weight of an FP8 layer is quantized first, one expert at a time,
+    and its scale loaded with it.
     """
     role = _role(layer, param)
     _check_shard_id(role, shard_id)
-    whole = expert_id is None
+    _check_dtype(layer, role, loaded_weight, weight_name)
     full = _full_layout(layer, role, loaded_weight, weight_name, shard_id, expert_id)
     if role == "w2_bias" and layer.tp_rank != 0:
         # Stays zero: the TP ranks' outputs are summed, the bias is added by rank 0 only.
-        return whole or _local_slot(layer, expert_id) is not None
-    if whole:
+        return expert_id is None or _local_slot(layer, expert_id) is not None
+    online = role in _WEIGHTS and layer.quant_config is not None and full.dtype != FP8_DTYPE
+    copy = _quantize_and_copy if online else _copy_into
+    if expert_id is None:
         # Slot by slot from views of the checkpoint tensor: no gathered copy
         # of every local expert on the way.
         for slot, logical in enumerate(layer.local_logical_experts.tolist()):
-            _copy_shard(layer, param.data[slot:slot + 1], full[logical:logical + 1], role,
-                        shard_id)
+            copy(layer, role, slot, full[logical:logical + 1], shard_id)
         return True
     slot = _local_slot(layer, expert_id)
     if slot is None:
         return False
-    _copy_shard(layer, param.data[slot:slot + 1], full.unsqueeze(0), role, shard_id)
+    copy(layer, role, slot, full.unsqueeze(0), shard_id)
     return True
+
+
+def _copy_into(layer, role, slot, full, shard_id):
+    """One expert's checkpoint tensor ``full`` [1, ...] into slot ``slot`` of ``role``."""
+    dst = getattr(layer, role).data[slot:slot + 1]
+    if role in _SCALES:
+        _copy_scale(layer, dst, full, role, shard_id)
+    else:
+        _copy_shard(layer, dst, full, role, shard_id)
+
+
+def _quantize_and_copy(layer, role, slot, full, shard_id):
+    """Online quantization: the whole checkpoint tensor of one expert, so that
+    every TP rank cuts the same fp8 weights and scales, then loaded as fp8."""
+    q, scale = quantize_weight(full, layer.quant_config)
+    scale_role = weight_scale_name(layer.quant_config, role)
+    _copy_into(layer, role, slot, q, shard_id)
+    shape = _full_shape(layer, scale_role, shard_id)
+    _copy_into(layer, scale_role, slot, _fit_scale(scale, (1,), shape), shard_id)
 
 
 def _role(layer, param):
@@ -155,15 +242,56 @@ def _local_slot(layer, expert_id):
     return layer.local_slot_of.get(expert_id)
 
 
+def _check_dtype(layer, role, loaded, weight_name):
+    dtype = loaded.dtype
+    if role in _SCALES:
+        if not dtype.is_floating_point or dtype.itemsize == 1:
+            raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype "
+                             f"{dtype}, expected a float scale (float32, bfloat16, float16)")
+    elif layer.quant_config is None and dtype.is_floating_point and dtype.itemsize == 1:
+        raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype {dtype}: "
+                         "an fp8 checkpoint needs FusedMoE(quant_config=...), e.g. the "
+                         "checkpoint's quantization_config")
+    elif role in _WEIGHTS and layer.quant_config is not None and \
+            (not dtype.is_floating_point or (dtype.itemsize == 1 and dtype != FP8_DTYPE)):
+        raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype {dtype}, "
+                         f"expected {FP8_DTYPE} (with its scales) or a float dtype to quantize")
+
+
 def _full_shape(layer, role, shard_id):
-    """Unsharded [out, in] (weights) or [out] (biases) of one expert's tensor."""
+    """Unsharded [out, in] (weights) or [out] (biases) of one expert's
+    tensor, or the shape of the scale of that weight."""
     inter = layer.intermediate_size
     if role.startswith("w2"):
         shape = (layer.hidden_size, inter)
     else:
         gated = layer.is_act_and_mul and shard_id == "w13"
         shape = (2 * inter if gated else inter, layer.hidden_size)
-    return shape[:1] if role.endswith("bias") else shape
+    if role.endswith("bias"):
+        return shape[:1]
+    if role.endswith("input_scale"):
+        return ()
+    if role.endswith("weight_scale_inv"):
+        return layer.quant_config.weight_scale_shape(1, *shape)[1:]
+    if role.endswith("weight_scale"):
+        if layer.quant_config.weight_scale == "channel":
+            return (shape[0], 1)
+        return (2,) if role.startswith("w13") and shard_id == "w13" and layer.is_act_and_mul \
+            else ()
+    return shape
+
+
+def _fit_scale(loaded, lead, shape):
+    """A scale in the layout ``lead + shape``, from any shape that differs
+    from it in size-1 dimensions only ([out] for [out, 1], [1] for []); a
+    fused gate/up tensor scale may be one for both halves. None if it fits not."""
+    def sizes(dims):
+        return [d for d in dims if d != 1]
+    if sizes(loaded.shape) == sizes(lead + shape):
+        return loaded.reshape(lead + shape)
+    if shape == (2,) and sizes(loaded.shape) == sizes(lead):
+        return loaded.reshape(lead + (1,)).expand(lead + shape)
+    return None
 
 
 def _full_layout(layer, role, loaded, weight_name, shard_id, expert_id):
@@ -172,10 +300,14 @@ def _full_layout(layer, role, loaded, weight_name, shard_id, expert_id):
     shape = _full_shape(layer, role, shard_id)
     lead = (layer.num_experts,) if whole else ()
     expected = lead + shape
-    if tuple(loaded.shape) == expected and not _stored_transposed(layer, weight_name, shape, whole):
+    if role in _SCALES:
+        fitted = _fit_scale(loaded, lead, shape)
+        if fitted is not None:
+            return fitted
+    elif tuple(loaded.shape) == expected and \
+            not _stored_transposed(layer, weight_name, shape, whole):
         return loaded
-    transposed = lead + shape[::-1]
-    if len(shape) == 2 and whole and tuple(loaded.shape) == transposed:
+    elif len(shape) == 2 and whole and tuple(loaded.shape) == lead + shape[::-1]:
         return loaded.transpose(-1, -2)
     which = "for every expert (expert_id=None)" if whole else f"for expert_id={expert_id}"
     raise ValueError(f"FusedMoE.weight_loader: {weight_name} (shard_id={shard_id!r}) has shape "
@@ -221,3 +353,68 @@ def _tp_slice(layer, t, dim):
     """This TP rank's slice of the intermediate dimension ``dim`` of ``t``."""
     size = t.shape[dim] // layer.tp_size
     return t.narrow(dim, layer.tp_rank * size, size)
+
+
+# --- scales -------------------------------------------------------------------------
+
+
+def _copy_scale(layer, dst, full, role, shard_id):
+    """This rank's part of one expert's scale ``full`` [1, ...] into ``dst`` [1, ...]."""
+    full = full.float()
+    if role.endswith("input_scale"):
+        # w1 and w3 each bring the expert's input scale: keep the larger.
+        dst.copy_(torch.maximum(dst, full.reshape(dst.shape)))
+    elif role.endswith("weight_scale_inv"):
+        _copy_block_scale(layer, dst, full, role, shard_id)
+    elif layer.quant_config.weight_scale == "channel":
+        # Rows scaled like the weight's: w13's cut as its rows, w2's (hidden rows) whole.
+        dst.copy_(full) if role.startswith("w2") else \
+            _copy_shard(layer, dst, full, "w13_weight", shard_id)
+    elif role.startswith("w2") or shard_id == "w13":
+        dst.copy_(full.reshape(1, -1).expand(dst.shape) if dst.dim() == 2 else full)
+    else:
+        dst[:, _half(layer, shard_id)] = full.reshape(())
+
+
+def _half(layer, shard_id):
+    """Which of w13's two tensor scales w1 (gate) or w3 (up) owns."""
+    return 1 if shard_id == "w3" and layer.is_act_and_mul else 0
+
+
+def _copy_block_scale(layer, dst, full, role, shard_id):
+    """Block scales ``full`` [1, ceil(out/bn), ceil(in/bk)] on the checkpoint's
+    grid into ``dst`` on this rank's (local_block_shape): each local block
+    takes the scale of the checkpoint block that holds it."""
+    bn, bk = layer.quant_config.block_shape
+    fine_n, fine_k = layer.block_shape
+    if role.startswith("w13"):
+        rows = _source_blocks(layer, "w13_weight", shard_id, 1, fine_n, bn)
+        cols = torch.arange(dst.shape[2]) * fine_k // bk
+    else:
+        rows = torch.arange(dst.shape[1]) * fine_n // bn
+        cols = _source_blocks(layer, "w2_weight", shard_id, 2, fine_k, bk)
+    mine = torch.nonzero(rows >= 0).flatten()
+    src = full[0].index_select(0, rows[mine].to(full.device)).index_select(1, cols.to(full.device))
+    dst[0, mine.to(dst.device)] = src.to(dst.device)
+
+
+def _source_blocks(layer, weight, shard_id, dim, fine, block):
+    """For each local block of ``fine`` along the sharded ``dim`` of ``weight``,
+    the checkpoint block (of ``block``) its elements come from, or -1 where
+    this shard writes nothing: the weight's own sharding rule applied to
+    element indices."""
+    size = _full_shape(layer, weight, shard_id)[dim - 1]
+    index_shape = [1, 1, 1]
+    index_shape[dim] = size
+    local_shape = [1, 1, 1]
+    local_shape[dim] = getattr(layer, weight).shape[dim]
+    local = torch.full(local_shape, -1, dtype=torch.long)
+    _copy_shard(layer, local, torch.arange(size).view(index_shape), weight, shard_id)
+    per_block = local.flatten().view(-1, fine)
+    first = per_block[:, :1]
+    exact = (per_block.div(block, rounding_mode="floor") == first.div(block, rounding_mode="floor"))
+    if not bool(exact.all() and ((per_block < 0) == (first < 0)).all()):
+        raise ValueError(f"FusedMoE.weight_loader: block scales of {weight} (shard_id="
+                         f"{shard_id!r}) do not fall on this rank's blocks {layer.block_shape}: "
+                         "interleaved gate/up rows (swigluoai) need the fused w13 tensor")
+    return torch.where(first[:, 0] >= 0, first[:, 0].div(block, rounding_mode="floor"), -1)

@@ -45,8 +45,9 @@ def load_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tens
     goes through that layer's weight_loader; any other name that is a parameter
     of ``model`` (the gate, a shared expert) is copied, or passed to the
     parameter's own ``weight_loader``. Names that match nothing are skipped: a
-    checkpoint may hold more than the model. Returns the names of the
-    parameters loaded.
+    checkpoint may hold more than the model. FP8 layers then make their
+    kernels' scales (FusedMoE.process_weights_after_loading). Returns the
+    names of the parameters loaded.
     """
     layers = [(path, m) for path, m in model.named_modules() if isinstance(m, FusedMoE)]
     # A layer's own parameters load through it; a submodule's (shared_experts) are plain ones.
@@ -62,6 +63,9 @@ def load_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tens
             if not path or name.startswith(path + "."):
                 loaded |= layer.load_weights([(name, tensor)], prefix=path)
                 break
+    # Scale conversions and their checks once, at load time, not in a first forward.
+    for _, layer in layers:
+        layer.process_weights_after_loading()
     return loaded
 
 
