@@ -92,6 +92,13 @@ _E4M3_MAX = 448.0
 _AMAX_FLOOR = 1e-10
 
 
+def _scale_of(amax):
+    """max(amax, 1e-10) / 448 in fp32, a true division on every device (torch
+    on CUDA multiplies by the reciprocal of a Python scalar divisor)."""
+    amax = torch.clamp(amax, min=_AMAX_FLOOR)
+    return amax / torch.full_like(amax, _E4M3_MAX)
+
+
 def quantize_fp8(x, group_size=0, scale=None):
     """Rows [R, K] -> (float8_e4m3fn q [R, K], float32 scales), the op's
     semantics: group_size > 0 one scale per row per group_size columns ([R,
@@ -106,14 +113,14 @@ def quantize_fp8(x, group_size=0, scale=None):
         full = scales.expand(rows, cols)
     elif group_size == -1:
         amax = x.abs().amax() if x.numel() else x.new_zeros(())
-        scales = (torch.clamp(amax, min=_AMAX_FLOOR) / _E4M3_MAX).reshape(1, 1)
+        scales = _scale_of(amax).reshape(1, 1)
         full = scales.expand(rows, cols)
     else:
         group = group_size if group_size > 0 else max(cols, 1)
         groups = math.ceil(cols / group)
         padded = torch.nn.functional.pad(x.abs(), (0, groups * group - cols))
         amax = padded.view(rows, groups, group).amax(dim=-1)
-        scales = torch.clamp(amax, min=_AMAX_FLOOR) / _E4M3_MAX
+        scales = _scale_of(amax)
         full = scales.repeat_interleave(group, dim=1)[:, :cols]
     q = torch.clamp(x / full, -_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scales
