@@ -149,17 +149,6 @@ def test_impls_need_a_scheme_for_the_fp8_peers():
     assert bench.default_impls("fp8-block", cuda=False) == bench.QUANT_IMPLS_CPU
 
 
-@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
-def test_weights_quantized_a_few_experts_at_a_time(monkeypatch, scheme):
-    config = bench.quant_config(scheme)
-    w = torch.randn(5, 40, 300, dtype=torch.bfloat16)
-    whole = quant.quantize_weight(w, config)
-    monkeypatch.setattr(bench, "QUANT_CHUNK", 2 * 40 * 300)  # two experts a chunk
-    q, scale = bench.quantize_by_expert(w, config)
-    assert q.dtype == quant.FP8_DTYPE and torch.equal(q.view(torch.uint8), whole[0].view(torch.uint8))
-    assert torch.equal(scale, whole[1])
-
-
 def test_static_scales_calibrate_x_and_the_activation():
     x, w13, w2, weights, ids = bench.make_inputs(*TINY, 9, "cpu", torch.bfloat16)
     a13, a2 = bench.static_activation_scales(x, w13, ids)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .experts import fused_experts
-from .quant import FP8_DTYPE, QuantConfig, _scale_of, as_quant_config, quantize_weight
+from .quant import FP8_DTYPE, QuantConfig, as_quant_config, quantize_weight, scale_of
 
 # (E, K, H, I) of the PERF.md shapes: the one table, which benchmarks and tests import.
 MODELS = {
@@ -76,7 +76,6 @@ OURS = ("fused_moe", "fused_moe-bf16")
 # output channel, rows quantized per token.
 ROWWISE = QuantConfig.fp8_channel()
 ROWWISE_NAME = "fp8-channel"  # its name in QUANTS
-QUANT_CHUNK = 1 << 26  # weight elements quantized at a time (fp32 temporaries of 256 MiB)
 # PERF.md's targets on an H200, in us, at each of TOKENS: "bf16" from its first
 # table, "fp8" from its "FP8 experts" table (the goal of every FP8 scheme).
 TARGETS_US = {
@@ -297,24 +296,11 @@ def quant_config(name: str) -> QuantConfig | None:
 def quantize_experts(x, w13, w2, topk_ids, config: QuantConfig) -> QuantizedExperts:
     """fp8 weights and fused_experts' keyword arguments for ``config``; static
     activation scales calibrated on these inputs."""
-    (q13, s13), (q2, s2) = (quantize_by_expert(w, config) for w in (w13, w2))
+    (q13, s13), (q2, s2) = (quantize_weight(w, config) for w in (w13, w2))
     kwargs = dict(w13_scale=s13, w2_scale=s2, **config.kernel_kwargs())
     if config.static_activations:
         kwargs["a13_scale"], kwargs["a2_scale"] = static_activation_scales(x, w13, topk_ids)
     return QuantizedExperts(q13, q2, kwargs)
-
-
-def quantize_by_expert(w: torch.Tensor, config: QuantConfig):
-    """quantize_weight a few experts at a time: its fp32 temporaries of a whole
-    DeepSeek-V3 w13 would not fit on the card beside the weights."""
-    E, N, K = w.shape
-    step = max(1, QUANT_CHUNK // (N * K))
-    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
-    scales = []
-    for e in range(0, E, step):
-        q[e:e + step], scale = quantize_weight(w[e:e + step], config)
-        scales.append(scale)
-    return q, torch.cat(scales)
 
 
 def static_activation_scales(x, w13, topk_ids):
@@ -323,7 +309,7 @@ def static_activation_scales(x, w13, topk_ids):
     max(amax, SCALE_EPS) / FP8_MAX."""
     _, token, offs = _expert_groups(topk_ids, w13.shape[0])
     act = _silu_and_mul(_grouped_mm(w13)(x[token], offs))
-    return tuple(_scale_of(t.abs().amax()).reshape(1) for t in (x, act))
+    return tuple(scale_of(t.abs().amax()).reshape(1) for t in (x, act))
 
 
 # --- floor --------------------------------------------------------------------------

@@ -252,7 +252,8 @@ def _block_shape(block, key):
     return tuple(block)
 
 
-def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+def scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """The scale of values whose largest magnitude is amax: max(amax, SCALE_EPS) / FP8_MAX."""
     return amax.float().clamp(min=SCALE_EPS) / FP8_MAX
 
 
@@ -276,15 +277,15 @@ def quantize_weight(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor,
 def _quantize_expert(x: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = x.shape
     if config.weight_scale == "tensor":
-        scale = _scale_of(x.abs().amax())
+        scale = scale_of(x.abs().amax())
         return _saturate(x, scale), scale
     if config.weight_scale == "channel":
-        scale = _scale_of(x.abs().amax(dim=1))
+        scale = scale_of(x.abs().amax(dim=1))
         return _saturate(x, scale[:, None]), scale
     bn, bk = config.block_shape
     nb, kb = math.ceil(n / bn), math.ceil(k / bk)
     padded = torch.nn.functional.pad(x.abs(), (0, kb * bk - k, 0, nb * bn - n))
-    scale = _scale_of(padded.view(nb, bn, kb, bk).amax(dim=(1, 3)))
+    scale = scale_of(padded.view(nb, bn, kb, bk).amax(dim=(1, 3)))
     full = scale.repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
     return _saturate(x, full), scale
 
