@@ -44,17 +44,26 @@ constexpr int kUnroll = 4;
 constexpr int kDefaultSmem = 48 * 1024;  // more needs the kernel's opt-in
 constexpr double kMaxSlotBytes = 400e6;  // see decode_applies
 
+// 16 bytes of weights as a stage holds them: a pack of 16-bit elements, or
+// four words of e4m3 (an array of 16 bytes would take 16 registers).
+template <typename W>
+using WeightPack = std::conditional_t<std::is_same_v<W, uint8_t>, uint4, Pack<W, kVec<W>>>;
+
 // Weights are read once: keep them out of L1.
 template <typename T>
-__device__ __forceinline__ Pack<T, kVec<T>> load_streaming(const T* p) {
-  static_assert(sizeof(Pack<T, kVec<T>>) == 16);
+__device__ __forceinline__ WeightPack<T> load_streaming(const T* p) {
+  static_assert(sizeof(WeightPack<T>) == 16);
   uint4 raw;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
                : "l"(p));
-  Pack<T, kVec<T>> r;
-  memcpy(&r, &raw, sizeof(r));
-  return r;
+  if constexpr (std::is_same_v<WeightPack<T>, uint4>) {
+    return raw;
+  } else {
+    WeightPack<T> r;
+    memcpy(&r, &raw, sizeof(r));
+    return r;
+  }
 }
 
 // Element q of a pack as a float. bf16 widens by a shift or a mask of its
@@ -71,11 +80,13 @@ __device__ __forceinline__ float element(const Pack<T, P>& x, int q) {
   }
 }
 
-// The 16 e4m3 weights of a pack as floats, two per conversion.
-__device__ __forceinline__ void widen_fp8(const Pack<uint8_t, 16>& w, float (&f)[16]) {
+// e4m3 weights [h, h + 8) of a pack as floats, two per conversion.
+__device__ __forceinline__ void widen_fp8_half(const uint4& w, int h, float (&f)[8]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const __nv_fp8x2_storage_t pair = uint16_t(w.e[2 * i]) | uint16_t(w.e[2 * i + 1]) << 8;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t word = words[h / 4 + i / 2];
+    const auto pair = static_cast<__nv_fp8x2_storage_t>(i % 2 ? word >> 16 : word & 0xffffu);
     const float2 v = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
     f[2 * i] = v.x, f[2 * i + 1] = v.y;
   }
@@ -166,11 +177,13 @@ __device__ __forceinline__ void wait_for_prior_kernel() {
 #endif
 }
 
+
 // One lane's share of a stage: kUnroll packs of each of the kRows rows (and
-// with FP8 their scales, loaded with them so that no load waits in the MMA loop).
+// with FP8 their scales, loaded with them so that no load waits in the
+// multiply loop).
 template <typename W>
 struct Stage {
-  Pack<W, kVec<W>> w[kUnroll][kRows];
+  WeightPack<W> w[kUnroll][kRows];
   float scale[kUnroll][kRows];
 };
 
@@ -192,7 +205,7 @@ template <typename W, typename Rows, typename Staging, typename Vec, typename Do
 __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows rows,
                                             Staging stage, Vec vec, Done done, Scales scales,
                                             int scale_shift) {
-  constexpr int P = kVec<W>, kStep = 32 * kUnroll;
+  constexpr int P = kVec<W>, U = kUnroll, kStep = 32 * U;
   constexpr bool kFp8 = std::is_same_v<W, uint8_t>;
   const int chunks = (packs + kStep - 1) / kStep, steps = jobs * chunks;
   auto load = [&](Stage<W>& s, int step) {
@@ -202,7 +215,7 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
     const float* srow[kRows] = {};
     if constexpr (kFp8) scales(j, srow);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (p0 + 32 * u < packs) {
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
@@ -219,20 +232,27 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
 #pragma unroll
     for (int r = 0; r < kRows; ++r) v[r] = vec(j, r);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (p0 + 32 * u >= packs) break;
       const int64_t col = int64_t(p0 + 32 * u) * P;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        float x[P];
-        vector_at<P>(v[r], col, x);
         if constexpr (kFp8) {
-          float w[P], part = 0.0f;
-          widen_fp8(s.w[u][r], w);
+          // In two halves of 8, which keeps the widened weights and the
+          // vector's floats to the registers of a 16-bit pack.
+          float part = 0.0f;
 #pragma unroll
-          for (int q = 0; q < P; ++q) part = fmaf(w[q], x[q], part);
+          for (int h = 0; h < P; h += 8) {
+            float x[8], w[8];
+            vector_at<8>(v[r], col + h, x);
+            widen_fp8_half(s.w[u][r], h, w);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) part = fmaf(w[q], x[q], part);
+          }
           acc[r] = fmaf(part, s.scale[u][r], acc[r]);
         } else {
+          float x[P];
+          vector_at<P>(v[r], col, x);
 #pragma unroll
           for (int q = 0; q < P; ++q) acc[r] = fmaf(element(s.w[u][r], q), x[q], acc[r]);
         }
@@ -258,18 +278,25 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
   }
 }
 
-// log2 of the columns per weight scale in rows of `cols`: 31 when one scale
-// covers the row, -1 when not a power of two of at least 16 (see fp8_fits).
-__host__ __device__ inline int scale_shift(const ScaleGrid& s, int64_t cols) {
-  if (s.cols_per >= cols) return 31;
-  int shift = 4;
-  while (shift < 31 && (int64_t(1) << shift) < s.cols_per) ++shift;
-  return (int64_t(1) << shift) == s.cols_per ? shift : -1;
+// log2 of the elements per scale along an extent of n: 31 when one scale
+// covers it all, -1 when not a power of two of at least `least` (see
+// fp8_fits). Shifts, because a 64-bit division is a call that spills.
+__host__ __device__ inline int shift_of(int64_t per, int64_t n, int least) {
+  if (per >= n) return 31;
+  int shift = 0;
+  while (shift < 31 && (int64_t(1) << shift) < per) ++shift;
+  return (int64_t(1) << shift) == per && per >= least ? shift : -1;
 }
 
-// The scales of expert e's weight row `row`, one per s.cols_per columns.
-__device__ __forceinline__ const float* scale_row(const ScaleGrid& s, int e, int64_t row) {
-  return s.data + e * s.expert_stride + row / s.rows_per * s.row_stride;
+// Columns per weight scale (a pack of 16 lies within one) in rows of `cols`.
+__host__ __device__ inline int scale_shift(const ScaleGrid& s, int64_t cols) {
+  return shift_of(s.cols_per, cols, 16);
+}
+
+// The scales of expert e's weight row `row` of `rows`, one per s.cols_per columns.
+__device__ __forceinline__ const float* scale_row(const ScaleGrid& s, int e, int64_t row,
+                                                  int64_t rows) {
+  return s.data + e * s.expert_stride + (row >> shift_of(s.rows_per, rows, 1)) * s.row_stride;
 }
 
 template <typename T>
@@ -348,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 2) up_kernel(DecodeParams p, int job
         }
       },
       [&](int j, const float** srow) {
-        for (int r = 0; r < kRows; ++r) srow[r] = scale_row(p.w13_scale, e, row_of(j, r));
+        for (int r = 0; r < kRows; ++r) srow[r] = scale_row(p.w13_scale, e, row_of(j, r), n13);
       },
       scale_shift(p.w13_scale, p.hidden));
 }
@@ -439,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
       [&](int j, const float** srow) {
         for (int r = 0; r < kRows; ++r) {
           const int ek = __shfl_sync(kFullMask, e, slot(j, r));
-          srow[r] = scale_row(p.w2_scale, ek, first + j / pairs);
+          srow[r] = scale_row(p.w2_scale, ek, first + j / pairs, H);
         }
       },
       scale_shift(p.w2_scale, p.inter));
@@ -503,7 +530,9 @@ int64_t weight_bytes(const DecodeParams& p) { return p.fp8 ? 1 : element_bytes(p
 // power-of-two runs of at least a pack (16) or whole rows.
 bool fp8_fits(const DecodeParams& p) {
   return p.dtype != ScalarType::Float && (p.act_group > 0 || (p.a13_static && p.a2_static)) &&
-         scale_shift(p.w13_scale, p.hidden) >= 0 && scale_shift(p.w2_scale, p.inter) >= 0;
+         scale_shift(p.w13_scale, p.hidden) >= 0 && scale_shift(p.w2_scale, p.inter) >= 0 &&
+         shift_of(p.w13_scale.rows_per, p.gated ? 2 * p.inter : p.inter, 1) >= 0 &&
+         shift_of(p.w2_scale.rows_per, p.hidden, 1) >= 0;
 }
 
 // Whether the kernels can take these shapes at all: 16-byte rows and strides,
