@@ -35,7 +35,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_cpu_isa_matches_reference(isa):
     package_parent = Path(fused_moe.__file__).resolve().parents[1]
     env = {**os.environ, "FUSED_MOE_CPU_ISA": isa, "CUDA_VISIBLE_DEVICES": "",

@@ -47,20 +47,28 @@ const TileKernels kGenericTiles = {
 };
 
 #if defined(__x86_64__)
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
 bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
 #else
+bool has_avx512() { return false; }
 bool has_avx2() { return false; }
 #endif
 
 const TileKernels* choose_tiles() {
   const char* env = std::getenv("FUSED_MOE_CPU_ISA");
   const std::string cap = env ? env : "";
-  if (!cap.empty() && cap != "avx2" && cap != "generic")
-    throw std::runtime_error("fused_moe: FUSED_MOE_CPU_ISA must be avx2 or generic, got '" + cap +
-                             "'");
+  if (!cap.empty() && cap != "avx512" && cap != "avx2" && cap != "generic")
+    throw std::runtime_error("fused_moe: FUSED_MOE_CPU_ISA must be avx512, avx2 or generic, got '" +
+                             cap + "'");
+  if ((cap.empty() || cap == "avx512") && has_avx512()) return avx512_tiles();
   if (cap != "generic" && has_avx2()) return avx2_tiles();
   return &kGenericTiles;
 }

@@ -21,7 +21,7 @@
 namespace fused_moe::cpu {
 
 // The tile kernels of this CPU: the widest instruction set it has, capped
-// by FUSED_MOE_CPU_ISA=avx2|generic when that is set.
+// by FUSED_MOE_CPU_ISA=avx512|avx2|generic when that is set.
 const TileKernels& tile_kernels();
 
 template <typename T>

@@ -9,7 +9,7 @@
 //
 // The instruction-set files are compiled with their own -m flags: an inline
 // function they shared with the rest of the build could be linked into it in
-// its AVX2 form. So they call no inline function of another header (torch
+// its AVX-512 form. So they call no inline function of another header (torch
 // headers included), and what they include of ours is in unnamed namespaces.
 #pragma once
 
@@ -68,6 +68,7 @@ struct TileKernels {
 
 // The tables of the x86 files, nullptr where the build is not for x86; the
 // caller checks that the CPU has the instructions.
+const TileKernels* avx512_tiles();  // AVX-512 F/BW/VL/DQ with BF16 dot products
 const TileKernels* avx2_tiles();    // AVX2 with FMA and F16C
 
 }  // namespace fused_moe::cpu
