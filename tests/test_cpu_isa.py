@@ -17,7 +17,8 @@ import torch, fused_moe
 from fused_moe import reference
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.5e-2), (torch.float16, 3e-3)):
-    for m, e, k, h, inter in ((1, 8, 2, 100, 36), (37, 5, 3, 72, 52), (300, 16, 4, 40, 24)):
+    for m, e, k, h, inter in ((1, 8, 2, 100, 36), (37, 5, 3, 72, 52), (300, 16, 4, 40, 24),
+                              (200, 4, 2, 33, 17)):
         x = torch.randn(m, h).to(dtype)
         w13 = (torch.randn(e, 2 * inter, h) / h**0.5).to(dtype)
         w2 = (torch.randn(e, h, inter) / inter**0.5).to(dtype)

@@ -126,6 +126,7 @@ GemmScratch& gemm_scratch(const TileKernels& tk, int64_t k) {
   thread_local GemmScratch s;
   if (s.wide.size() < size_t(tk.rows * k)) s.wide.resize(tk.rows * k);
   if (s.sums.size() < size_t(tk.rows * tk.cols)) s.sums.resize(tk.rows * tk.cols);
+  if (tk.pack_rows && s.panel.size() < size_t(tk.cols * k)) s.panel.resize(tk.cols * k);
   return s;
 }
 

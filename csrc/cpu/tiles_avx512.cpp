@@ -1,6 +1,8 @@
-// Tile kernels for AVX-512 (F, BW, VL and BF16; CMakeLists.txt compiles this
-// file with those instructions): 16-lane partial sums, fp32 multiply-adds,
-// bf16 by its pairwise dot product, fp16 weights widened as they are read.
+// Tile kernels for AVX-512 (F, BW, VL, DQ and BF16; CMakeLists.txt compiles
+// this file with those instructions): fp32 multiply-adds, bf16 by its
+// pairwise dot product, fp16 weights widened as they are read; few rows as
+// 16-lane dot products over weight rows read in place, many rows against a
+// packed panel of the weights.
 #include "cpu/tiles.h"
 
 #if defined(__x86_64__)
@@ -11,6 +13,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "cpu/epilogues.h"
 
@@ -145,6 +149,135 @@ void dot_rows(const void* const* a, int n_a, const void* const* w, int n_w, int6
   }
 }
 
+// --- Packed weights, for tasks of many rows ---------------------------------
+// A task with many rows packs its weight rows once into a panel of 32-bit
+// units (a bf16 pair or a float), unit u of every row side by side:
+// panel[u * kCols + j]. A tile then broadcasts each unit of its A rows
+// against the kCols / 16 weight vectors of that unit: each weight load
+// serves every row of the tile and no sum needs reducing across lanes, which
+// at a K of a few hundred costs as much as the products. An output is summed
+// unit by unit in k order, so its bits depend on its row of A, its weight
+// row and K alone here too (not on the task's other rows).
+constexpr int kPackRows = 16;  // rows from which a task packs (cpu/tiles.h)
+
+// t[j] = column j of the 16 x 16 matrix of 32-bit units whose row i is t[i]:
+// pairs of rows interleaved, then pairs of pairs, then 128-bit lanes in two
+// rounds.
+inline __attribute__((always_inline)) void transpose16(__m512i t[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(t[i], t[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(t[i], t[i + 1]);
+  }
+  // b[4i + c], 128-bit lane l: column 4l + c of rows 4i .. 4i + 3.
+  for (int i = 0; i < 16; i += 4) {
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i d0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x88);  // lanes 0, 2 of each
+    const __m512i d1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xdd);  // lanes 1, 3
+    const __m512i d2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x88);
+    const __m512i d3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xdd);
+    t[c] = _mm512_shuffle_i32x4(d0, d2, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(d1, d3, 0x88);
+    t[8 + c] = _mm512_shuffle_i32x4(d0, d2, 0xdd);
+    t[12 + c] = _mm512_shuffle_i32x4(d1, d3, 0xdd);
+  }
+}
+
+// The panel of n_w <= kCols weight rows of k elements of kSize bytes; zero
+// units past a row's end (half of the last bf16 pair of an odd k) and past n_w.
+constexpr int64_t kPackAhead = 1024;  // bytes ahead that pack prefetches each row
+
+template <int kSize>
+void pack(const void* const* w, int n_w, int64_t k, void* panel) {
+  const int64_t bytes = k * kSize, units = (bytes + 3) / 4;
+  uint32_t* out = static_cast<uint32_t*>(panel);
+  for (int g = 0; g < kCols; g += 16) {
+    for (int64_t u0 = 0; u0 < units; u0 += 16) {
+      const int64_t left = bytes - 4 * u0;
+      const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;
+      __m512i t[16];
+      for (int i = 0; i < 16; ++i) {
+        // Sixteen rows are as many streams from memory, more than the
+        // hardware prefetchers follow.
+        if (g + i < n_w) _mm_prefetch(static_cast<const char*>(w[g + i]) + 4 * u0 + kPackAhead, _MM_HINT_T0);
+        t[i] = g + i < n_w ? _mm512_maskz_loadu_epi8(mask, static_cast<const char*>(w[g + i]) + 4 * u0)
+                           : _mm512_setzero_si512();
+      }
+      transpose16(t);
+      const int64_t n = units - u0 < 16 ? units - u0 : 16;
+      for (int64_t i = 0; i < n; ++i) _mm512_storeu_si512(out + (u0 + i) * kCols + g, t[i]);
+    }
+  }
+}
+
+// Unit u of an A row, in every lane; `last`: the lone element of an odd
+// bf16 row's last pair (its partner is not there to read).
+__m512 broadcast(const float* a, int64_t u, bool) { return _mm512_set1_ps(a[u]); }
+__m512 broadcast(const uint16_t* a, int64_t u, bool last) {
+  uint32_t v = a[2 * u];
+  if (!last) std::memcpy(&v, a + 2 * u, sizeof(v));
+  return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(v)));
+}
+
+// c[r * ldc + j] = a[r] . panel column j, for R rows and every j < kCols.
+template <typename S, int R>
+void packed_block(const typename S::A* const* a, const uint32_t* panel, int64_t k, float* c, int ldc,
+                  Prefetch& ahead) {
+  constexpr int V = kCols / 16;
+  constexpr int kPer = 4 / sizeof(typename S::A);  // elements a unit
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  int row = ahead.row;
+  int64_t at = ahead.at;
+  auto step = [&](int64_t u, bool last) {
+    if (row < ahead.n) {
+      _mm_prefetch(static_cast<const char*>(ahead.rows[row]) + at, _MM_HINT_T1);
+      if ((at += 64) >= ahead.bytes) at = 0, ++row;
+    }
+    __m512 wv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(panel + u * kCols + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = broadcast(a[r], u, last);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = S::madd(acc[r][v], av, wv[v]);
+    }
+  };
+  const int64_t whole = k / kPer;
+  for (int64_t u = 0; u < whole; ++u) step(u, false);
+  if (whole * kPer < k) step(whole, true);
+  ahead.row = row;
+  ahead.at = at;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <typename S>
+void packed_dot(const void* const* a, int n_a, const void* panel, int64_t k, float* c, int ldc,
+                Prefetch& ahead) {
+  const auto* ar = reinterpret_cast<const typename S::A* const*>(a);
+  const auto* p = static_cast<const uint32_t*>(panel);
+  switch (n_a) {
+    case 1: return packed_block<S, 1>(ar, p, k, c, ldc, ahead);
+    case 2: return packed_block<S, 2>(ar, p, k, c, ldc, ahead);
+    case 3: return packed_block<S, 3>(ar, p, k, c, ldc, ahead);
+    case 4: return packed_block<S, 4>(ar, p, k, c, ldc, ahead);
+    case 5: return packed_block<S, 5>(ar, p, k, c, ldc, ahead);
+    default: return packed_block<S, 6>(ar, p, k, c, ldc, ahead);
+  }
+}
+
 template <typename S>
 void dot(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k, float* c, int ldc) {
   switch (n_a) {
@@ -158,7 +291,15 @@ void dot(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k
 static_assert(kRows == 6, "dot covers 1..6 rows");
 
 const TileKernels kTiles = {
-    "avx512", kRows, kCols, {dot<F32>, dot<BF16>, dot<F16>}, {kF32, kBF16, kF32}, &kEpilogues,
+    "avx512",
+    kRows,
+    kCols,
+    {dot<F32>, dot<BF16>, dot<F16>},
+    {kF32, kBF16, kF32},
+    &kEpilogues,
+    kPackRows,
+    {pack<4>, pack<2>, nullptr},  // fp16 weights keep to dot (they would need widening)
+    {packed_dot<F32>, packed_dot<BF16>, nullptr},
 };
 
 }  // namespace
