@@ -5,10 +5,13 @@
 // A task is one expert's block of output columns for a run of its rows: it
 // sweeps the rows over the block's weight rows, so each weight is read from
 // memory once a task (later row tiles find it in cache), and A rows are
-// read in place (gathered by index, no copy). Tasks go to threads in
-// contiguous runs of about equal cost; every output is computed by one
-// tile, so the result is the same whatever the thread count or the rows
-// around it.
+// read in place (gathered by index, no copy). With enough rows, a table's
+// packed tiles take the weight rows from a panel packed once a task
+// instead (cpu/tiles.h), prefetching the rows of the thread's next task so
+// that reading them from memory overlaps the products. Tasks go to threads
+// in contiguous runs of about equal cost; every output is computed by one
+// tile, and tasks are cut from each expert's rows alone, so the result is
+// the same whatever the thread count.
 #pragma once
 
 #include <algorithm>
