@@ -2,6 +2,7 @@
 // kernels, and the plain C++ tile kernels for CPUs without AVX2.
 #include "cpu/gemm.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -82,6 +83,14 @@ constexpr int64_t kTaskRows = 256;
 // Below this many multiply-adds a GEMM runs on the calling thread.
 constexpr double kSerialMacs = 1 << 18;
 
+// n floats of v from a cache line on (v grows to hold them).
+float* on_line(std::vector<float>& v, size_t n) {
+  constexpr size_t kLine = 64 / sizeof(float);
+  if (v.size() < n + kLine) v.resize(n + kLine);
+  const size_t past = reinterpret_cast<uintptr_t>(v.data()) / sizeof(float) % kLine;
+  return v.data() + (kLine - past) % kLine;
+}
+
 }  // namespace
 
 const TileKernels& tile_kernels() {
@@ -125,8 +134,8 @@ GemmPlan plan_gemm(const GemmShape& g, int per_task, int threads) {
 GemmScratch& gemm_scratch(const TileKernels& tk, int64_t k) {
   thread_local GemmScratch s;
   if (s.wide.size() < size_t(tk.rows * k)) s.wide.resize(tk.rows * k);
-  if (s.sums.size() < size_t(tk.rows * tk.cols)) s.sums.resize(tk.rows * tk.cols);
-  if (tk.pack_rows && s.panel.size() < size_t(tk.cols * k)) s.panel.resize(tk.cols * k);
+  s.sums = on_line(s.sums_floats, tk.rows * tk.cols);
+  if (tk.pack_rows) s.panel = on_line(s.panel_floats, tk.cols * k);
   return s;
 }
 

@@ -105,9 +105,13 @@ struct GemmPlan {
 
 GemmPlan plan_gemm(const GemmShape& g, int per_task, int threads);
 
-// Per-thread buffers: widened A rows, the tile's sums, the packed weights.
+// Per-thread buffers: widened A rows, the tile's sums and the packed weights
+// (these two in their vectors from a cache line on, so that a vector load or
+// store of them touches one line, not two).
 struct GemmScratch {
-  std::vector<float> wide, sums, panel;
+  std::vector<float> wide, sums_floats, panel_floats;
+  float* sums = nullptr;
+  float* panel = nullptr;
 };
 GemmScratch& gemm_scratch(const TileKernels& tk, int64_t k);
 
@@ -153,7 +157,7 @@ void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t,
   const void* next_rows[kMaxTileCols];
   Prefetch ahead{next_rows, 0, g.k * static_cast<int64_t>(sizeof(T))};
   if (packed) {
-    tk.pack[elem](rows, n_w, g.k, s.panel.data());
+    tk.pack[elem](rows, n_w, g.k, s.panel);
     int next_count;
     if (next) ahead.n = task_weight_rows<T>(g, per_task, *next, next_rows, next_count);
   }
@@ -165,10 +169,10 @@ void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t,
       const T* src = static_cast<const T*>(g.a) + (g.a_index ? g.a_index[r] : r) * g.k;
       a[i] = widen ? widen_row(src, g.k, s.wide.data() + i * g.k) : src;
     }
-    if (packed) tk.packed_dot[elem](a, n, s.panel.data(), g.k, s.sums.data(), tk.cols, ahead);
-    else tk.dot[elem](a, n, rows, n_w, g.k, s.sums.data(), tk.cols);
-    epilogue(TileSums{t.e, r0, n, t.col0, count, s.sums.data(),
-                      g.cols.paired ? s.sums.data() + count : nullptr, tk.cols});
+    if (packed) tk.packed_dot[elem](a, n, s.panel, g.k, s.sums, tk.cols, ahead);
+    else tk.dot[elem](a, n, rows, n_w, g.k, s.sums, tk.cols);
+    epilogue(TileSums{t.e, r0, n, t.col0, count, s.sums,
+                      g.cols.paired ? s.sums + count : nullptr, tk.cols});
   }
 }
 
