@@ -2,6 +2,7 @@
 // kernels, and the plain C++ tile kernels for CPUs without AVX2.
 #include "cpu/gemm.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -47,20 +48,28 @@ const TileKernels kGenericTiles = {
 };
 
 #if defined(__x86_64__)
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
 bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
 #else
+bool has_avx512() { return false; }
 bool has_avx2() { return false; }
 #endif
 
 const TileKernels* choose_tiles() {
   const char* env = std::getenv("FUSED_MOE_CPU_ISA");
   const std::string cap = env ? env : "";
-  if (!cap.empty() && cap != "avx2" && cap != "generic")
-    throw std::runtime_error("fused_moe: FUSED_MOE_CPU_ISA must be avx2 or generic, got '" + cap +
-                             "'");
+  if (!cap.empty() && cap != "avx512" && cap != "avx2" && cap != "generic")
+    throw std::runtime_error("fused_moe: FUSED_MOE_CPU_ISA must be avx512, avx2 or generic, got '" +
+                             cap + "'");
+  if ((cap.empty() || cap == "avx512") && has_avx512()) return avx512_tiles();
   if (cap != "generic" && has_avx2()) return avx2_tiles();
   return &kGenericTiles;
 }
@@ -73,6 +82,14 @@ constexpr int64_t kReadCost = 2;
 constexpr int64_t kTaskRows = 256;
 // Below this many multiply-adds a GEMM runs on the calling thread.
 constexpr double kSerialMacs = 1 << 18;
+
+// n floats of v from a cache line on (v grows to hold them).
+float* on_line(std::vector<float>& v, size_t n) {
+  constexpr size_t kLine = 64 / sizeof(float);
+  if (v.size() < n + kLine) v.resize(n + kLine);
+  const size_t past = reinterpret_cast<uintptr_t>(v.data()) / sizeof(float) % kLine;
+  return v.data() + (kLine - past) % kLine;
+}
 
 }  // namespace
 
@@ -117,7 +134,8 @@ GemmPlan plan_gemm(const GemmShape& g, int per_task, int threads) {
 GemmScratch& gemm_scratch(const TileKernels& tk, int64_t k) {
   thread_local GemmScratch s;
   if (s.wide.size() < size_t(tk.rows * k)) s.wide.resize(tk.rows * k);
-  if (s.sums.size() < size_t(tk.rows * tk.cols)) s.sums.resize(tk.rows * tk.cols);
+  s.sums = on_line(s.sums_floats, tk.rows * tk.cols);
+  if (tk.pack_rows) s.panel = on_line(s.panel_floats, tk.cols * k);
   return s;
 }
 

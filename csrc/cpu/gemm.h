@@ -5,10 +5,13 @@
 // A task is one expert's block of output columns for a run of its rows: it
 // sweeps the rows over the block's weight rows, so each weight is read from
 // memory once a task (later row tiles find it in cache), and A rows are
-// read in place (gathered by index, no copy). Tasks go to threads in
-// contiguous runs of about equal cost; every output is computed by one
-// tile, so the result is the same whatever the thread count or the rows
-// around it.
+// read in place (gathered by index, no copy). With enough rows, a table's
+// packed tiles take the weight rows from a panel packed once a task
+// instead (cpu/tiles.h), prefetching the rows of the thread's next task so
+// that reading them from memory overlaps the products. Tasks go to threads
+// in contiguous runs of about equal cost; every output is computed by one
+// tile, and tasks are cut from each expert's rows alone, so the result is
+// the same whatever the thread count.
 #pragma once
 
 #include <algorithm>
@@ -21,7 +24,7 @@
 namespace fused_moe::cpu {
 
 // The tile kernels of this CPU: the widest instruction set it has, capped
-// by FUSED_MOE_CPU_ISA=avx2|generic when that is set.
+// by FUSED_MOE_CPU_ISA=avx512|avx2|generic when that is set.
 const TileKernels& tile_kernels();
 
 template <typename T>
@@ -102,9 +105,13 @@ struct GemmPlan {
 
 GemmPlan plan_gemm(const GemmShape& g, int per_task, int threads);
 
-// Per-thread buffers: widened A rows, the tile's sums.
+// Per-thread buffers: widened A rows, the tile's sums and the packed weights
+// (these two in their vectors from a cache line on, so that a vector load or
+// store of them touches one line, not two).
 struct GemmScratch {
-  std::vector<float> wide, sums;
+  std::vector<float> wide, sums_floats, panel_floats;
+  float* sums = nullptr;
+  float* panel = nullptr;
 };
 GemmScratch& gemm_scratch(const TileKernels& tk, int64_t k);
 
@@ -120,22 +127,40 @@ const void* widen_row(const T* src, int64_t k, float* dst) {
   return dst;
 }
 
-template <typename T, typename Epilogue>
-void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t, GemmScratch& s,
-                   const Epilogue& epilogue) {
-  constexpr Elem elem = elem_of<T>();
-  const int per_task = g.cols.paired ? tk.cols / 2 : tk.cols;
-  const int count = static_cast<int>(std::min<int64_t>(per_task, g.cols.count - t.col0));
-  // The weight rows of the task's outputs; paired: the gate rows, then the up rows.
+// The weight rows of task t's outputs into rows (paired: the gate rows,
+// then the up rows); returns their count, with the task's outputs in count.
+template <typename T>
+int task_weight_rows(const GemmShape& g, int per_task, const GemmTask& t, const void** rows,
+                     int& count) {
+  count = static_cast<int>(std::min<int64_t>(per_task, g.cols.count - t.col0));
   const T* w = static_cast<const T*>(g.w) + t.e * g.w_rows * g.k;
-  const void* rows[kMaxTileCols];
   for (int j = 0; j < count; ++j) {
     const int64_t col = t.col0 + j;
     rows[j] = w + col * g.cols.stride * g.k;
     if (g.cols.paired) rows[count + j] = w + (g.cols.up + col * g.cols.stride) * g.k;
   }
-  const int n_w = g.cols.paired ? 2 * count : count;
+  return g.cols.paired ? 2 * count : count;
+}
+
+// Runs task t; next (nullptr if none) is the task this thread runs after it,
+// whose weight rows packed tiles prefetch.
+template <typename T, typename Epilogue>
+void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t,
+                   const GemmTask* next, GemmScratch& s, const Epilogue& epilogue) {
+  constexpr Elem elem = elem_of<T>();
+  const int per_task = g.cols.paired ? tk.cols / 2 : tk.cols;
+  const void* rows[kMaxTileCols];
+  int count;
+  const int n_w = task_weight_rows<T>(g, per_task, t, rows, count);
   const bool widen = tk.a_elem[elem] != elem;
+  const bool packed = tk.packed_dot[elem] && t.row1 - t.row0 >= tk.pack_rows;
+  const void* next_rows[kMaxTileCols];
+  Prefetch ahead{next_rows, 0, g.k * static_cast<int64_t>(sizeof(T))};
+  if (packed) {
+    tk.pack[elem](rows, n_w, g.k, s.panel);
+    int next_count;
+    if (next) ahead.n = task_weight_rows<T>(g, per_task, *next, next_rows, next_count);
+  }
   for (int64_t r0 = t.row0; r0 < t.row1; r0 += tk.rows) {
     const int n = static_cast<int>(std::min<int64_t>(tk.rows, t.row1 - r0));
     const void* a[kMaxTileRows];
@@ -144,9 +169,10 @@ void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t,
       const T* src = static_cast<const T*>(g.a) + (g.a_index ? g.a_index[r] : r) * g.k;
       a[i] = widen ? widen_row(src, g.k, s.wide.data() + i * g.k) : src;
     }
-    tk.dot[elem](a, n, rows, n_w, g.k, s.sums.data(), tk.cols);
-    epilogue(TileSums{t.e, r0, n, t.col0, count, s.sums.data(),
-                      g.cols.paired ? s.sums.data() + count : nullptr, tk.cols});
+    if (packed) tk.packed_dot[elem](a, n, s.panel, g.k, s.sums, tk.cols, ahead);
+    else tk.dot[elem](a, n, rows, n_w, g.k, s.sums, tk.cols);
+    epilogue(TileSums{t.e, r0, n, t.col0, count, s.sums,
+                      g.cols.paired ? s.sums + count : nullptr, tk.cols});
   }
 }
 
@@ -162,7 +188,8 @@ void grouped_gemm_tiles(const GemmShape& g, const Epilogue& epilogue) {
     GemmScratch& s = gemm_scratch(tk, g.k);
     for (int64_t p = begin; p < end; ++p)
       for (size_t i = plan.first[p]; i < plan.first[p + 1]; ++i)
-        run_gemm_task<T>(g, tk, plan.tasks[i], s, epilogue);
+        run_gemm_task<T>(g, tk, plan.tasks[i],
+                         i + 1 < plan.first[p + 1] ? &plan.tasks[i + 1] : nullptr, s, epilogue);
   };
   if (plan.parallel) {
     torch::stable::parallel_for(0, threads, 1, run);

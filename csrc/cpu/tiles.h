@@ -3,13 +3,16 @@
 // A tile multiplies a few rows of A by a block of weight rows, both read in
 // place (K contiguous): each output is a dot product summed in vector lanes,
 // lane l taking elements l, l + L, l + 2L, ... (pairs of them for the bf16
-// dot product), and the L lanes then added in a fixed tree. So an output's
-// bits depend on its row of A, its weight row, K and the instruction set
-// alone: not on the rows or columns computed with it, nor on the thread.
+// dot product), and the L lanes then added in a fixed tree. A table may
+// also have packed tiles for tasks of many rows (pack_rows below), which sum
+// each output in k order instead. So an output's bits depend on its row of
+// A, its weight row, K, the instruction set and whether its task's rows
+// reach pack_rows: not on the rows or columns computed with it, nor on the
+// thread.
 //
 // The instruction-set files are compiled with their own -m flags: an inline
 // function they shared with the rest of the build could be linked into it in
-// its AVX2 form. So they call no inline function of another header (torch
+// its AVX-512 form. So they call no inline function of another header (torch
 // headers included), and what they include of ours is in unnamed namespaces.
 #pragma once
 
@@ -53,6 +56,18 @@ struct Epilogues {
   void (*accumulate[kNumElems])(float* acc, const void* y, float w, int64_t n);
 };
 
+// Weight rows that packed tiles pull into cache, a line a k step, while
+// they run: the next task's, so that its reads from memory overlap this
+// task's products (its packing would otherwise wait on them all at once).
+// The tiles advance row and at (the next line: rows[row] + at).
+struct Prefetch {
+  const void* const* rows;
+  int n;          // rows
+  int64_t bytes;  // of each row
+  int row = 0;
+  int64_t at = 0;
+};
+
 struct TileKernels {
   const char* name;
   int rows;  // rows of A one call takes at most
@@ -64,10 +79,21 @@ struct TileKernels {
                          float* c, int ldc);
   Elem a_elem[kNumElems];
   const Epilogues* epilogues;
+  // Tasks of at least pack_rows rows (0: none) whose elem has a packed_dot
+  // pack their weight rows once, pack[elem](w, n_w, k, panel) with n_w <= cols,
+  // into a panel of cols * k floats at most; then packed_dot[elem](a, n_a,
+  // panel, k, c, ldc) sets c[r * ldc + j] = a[r] . w[j] for r < n_a <= rows
+  // and every j < cols (zeros past n_w). Summed in another order than dot's:
+  // which one an output takes depends on its task's row count.
+  int pack_rows;
+  void (*pack[kNumElems])(const void* const* w, int n_w, int64_t k, void* panel);
+  void (*packed_dot[kNumElems])(const void* const* a, int n_a, const void* panel, int64_t k,
+                                float* c, int ldc, Prefetch& ahead);
 };
 
 // The tables of the x86 files, nullptr where the build is not for x86; the
 // caller checks that the CPU has the instructions.
+const TileKernels* avx512_tiles();  // AVX-512 F/BW/VL/DQ with BF16 dot products
 const TileKernels* avx2_tiles();    // AVX2 with FMA and F16C
 
 }  // namespace fused_moe::cpu
