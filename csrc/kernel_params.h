@@ -4,8 +4,7 @@
 // structs; cpu/cpu_kernels.h and cuda/launch.h declare the functions that
 // take them. Shapes are in the comments. Tensors are row-major; the ones with
 // a stride field below may be row-strided views (strides in elements, 16-byte
-// multiples where not dense), all others are dense. The CPU kernels are given
-// dense tensors only (ops.cpp copies views for them), strides set to match.
+// multiples where not dense), on the CPU as on CUDA; all others are dense.
 #pragma once
 
 #include <cstddef>
@@ -137,6 +136,7 @@ struct GroupedGemmParams {
 
 struct ActivationParams {
   const void* x = nullptr;   // [R, 2I] when gated, else [R, I]
+  int64_t x_stride = 0;      // between rows of x
   ScalarType dtype = ScalarType::Float;
   void* out = nullptr;       // [R, I]
   int64_t rows = 0;          // R
@@ -148,6 +148,7 @@ struct ActivationParams {
 
 struct UnpermuteParams {
   const void* y = nullptr;            // [R, H] expert outputs in permuted order
+  int64_t y_stride = 0;               // between rows of y
   ScalarType dtype = ScalarType::Float;
   int64_t rows = 0;                   // R
   const int32_t* inv_index = nullptr; // [M, K], -1 (or >= R): slot contributes nothing

@@ -37,17 +37,19 @@ ExpertIds expert_ids(const Tensor& t) {
   return {t.data_ptr(), t.scalar_type() == ScalarType::Long};
 }
 
-// Every op takes tensors of any strides. The CUDA kernels read row-strided
-// matrices in place (weights [E, N, K], tokens [M, H]): innermost stride 1,
+// Every op takes tensors of any strides. The kernels, CPU and CUDA, read
+// row-strided matrices in place (weights [E, N, K], tokens [M, H] and the
+// row inputs of quantize_fp8, activation and unpermute): innermost stride 1,
 // every other stride a whole number of 16-byte vectors (what TMA and the
-// vector loads need). Anything else, every other input, and every input of a
-// CPU kernel is copied once into a dense tensor here.
+// vector loads need; the CPU keeps the same rule). Anything else, and every
+// other input (ids, weights of the top-k, scales, biases), is copied once
+// into a dense tensor here.
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 Tensor rows_in_place(const Tensor& t) {
-  if (t.dim() < 2 || !t.is_cuda() || t.stride(t.dim() - 1) != 1) return dense(t);
+  if (t.dim() < 2 || t.stride(t.dim() - 1) != 1) return dense(t);
   const int64_t bytes = static_cast<int64_t>(t.element_size());
   for (int64_t d = 0; d + 1 < t.dim(); ++d)
     if ((t.stride(d) * bytes) % 16 != 0) return dense(t);
@@ -377,7 +379,7 @@ std::tuple<Tensor, Tensor> quantize_fp8(Tensor x, int64_t group_size, OptTensor 
 
 Tensor activation(Tensor x, std::string activation, bool is_act_and_mul) {
   const char* op = "fused_moe.activation";
-  x = dense(x);
+  x = rows_in_place(x);
   Arg{op, "x", x}.expect(kFloats, {-1, -1});
   const int64_t rows = x.size(0), cols = x.size(1);
   FUSED_MOE_CHECK(!is_act_and_mul || cols % 2 == 0, op,
@@ -391,6 +393,7 @@ Tensor activation(Tensor x, std::string activation, bool is_act_and_mul) {
   p.dtype = x.scalar_type();
   Tensor out = alloc(x, {rows, p.inter});
   p.x = x.data_ptr();
+  p.x_stride = x.stride(0);
   p.out = out.data_ptr();
   if (rows == 0 || p.inter == 0) return out;
   if (x.is_cuda()) {
@@ -404,7 +407,7 @@ Tensor activation(Tensor x, std::string activation, bool is_act_and_mul) {
 
 Tensor unpermute(Tensor y, Tensor inv_index, OptTensor topk_weights) {
   const char* op = "fused_moe.unpermute";
-  y = dense(y);
+  y = rows_in_place(y);
   inv_index = dense(inv_index);
   if (topk_weights) topk_weights = dense(*topk_weights);
   Arg{op, "y", y}.expect(kFloats, {-1, -1});
@@ -417,6 +420,7 @@ Tensor unpermute(Tensor y, Tensor inv_index, OptTensor topk_weights) {
   Tensor out = alloc(y, {m, h});
   UnpermuteParams p;
   p.y = y.data_ptr();
+  p.y_stride = y.stride(0);
   p.dtype = y.scalar_type();
   p.rows = y.size(0);
   p.inv_index = ptr<const int32_t>(inv_index);

@@ -162,3 +162,29 @@ def test_cuda_reads_aligned_views_in_place():
     fused_moe.fused_experts(x, w13, w2, w, ids)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < moe["w13"].nbytes // 4
+
+
+def copies_made(fn, *args):
+    """The ATen copy ops (clone, contiguous) run by fn(*args), as the profiler saw them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn(*args)
+    return [e.name for e in prof.events() if e.name in ("aten::clone", "aten::contiguous")]
+
+
+@pytest.mark.parametrize("pad, copied", [(128, False), (3, True)])
+def test_cpu_reads_aligned_views_in_place(pad, copied):
+    """On the CPU too, 16-byte-aligned row-strided views are read in place
+    (no copy op runs), and a misaligned one is copied."""
+    x, moe, w, ids = moe_case("cpu", 40)
+    w13, w2 = padded(moe["w13"], pad), padded(moe["w2"], pad)
+    rows, off, inv = ops.permute(x, ids, 8, None, None)
+    h13 = ops.grouped_gemm(rows, moe["w13"], off, None)
+    calls = {
+        "fused_experts": (fused_moe.fused_experts, padded(x, pad), w13, w2, w, ids),
+        "permute": (ops.permute, padded(x, pad), ids, 8, None, None),
+        "grouped_gemm": (ops.grouped_gemm, padded(rows, pad), w13, off, None),
+        "activation": (ops.activation, padded(h13, pad), "silu", True),
+        "unpermute": (ops.unpermute, padded(rows, pad), inv, w),
+    }
+    for name, (fn, *args) in calls.items():
+        assert bool(copies_made(fn, *args)) == copied, name

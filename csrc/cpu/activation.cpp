@@ -8,9 +8,8 @@ namespace {
 template <Activation A, typename T>
 void activation_rows(const ActivationParams& p, int64_t b, int64_t end) {
   const int64_t n = p.inter;
-  const int64_t in_cols = p.gated ? 2 * n : n;
   for (int64_t r = b; r < end; ++r) {
-    const T* x = static_cast<const T*>(p.x) + r * in_cols;
+    const T* x = static_cast<const T*>(p.x) + r * p.x_stride;
     T* out = static_cast<T*>(p.out) + r * n;
     for (int64_t i = 0; i < n; ++i) {
       float v;

@@ -23,6 +23,7 @@ struct Rows {
   std::vector<int32_t> token;    // [rows]: token of each sorted row
   const void* a = nullptr;       // GEMM 1's A
   const int32_t* a_index = nullptr;
+  int64_t a_stride = 0;
 };
 
 Rows sort_rows(const DecodeParams& p) {
@@ -48,6 +49,7 @@ Rows sort_rows(const DecodeParams& p) {
     pp.out = p.y;
     permute(pp);
     r.a = p.y;
+    r.a_stride = p.hidden;
     return r;
   }
   sort_slots(pp);
@@ -56,6 +58,7 @@ Rows sort_rows(const DecodeParams& p) {
     if (r.inv[s] >= 0) r.token[r.inv[s]] = static_cast<int32_t>(s / p.topk);
   r.a = p.x;
   r.a_index = r.token.data();
+  r.a_stride = p.x_stride;
   return r;
 }
 
@@ -64,6 +67,9 @@ void up_projection(const DecodeParams& p, const Rows& rows) {
   GemmShape g = plain_gemm(rows.a, p.w13, p.gated ? 2 * p.inter : p.inter, p.hidden,
                            rows.offsets.data(), p.num_local_experts);
   g.a_index = rows.a_index;
+  g.a_stride = rows.a_stride;
+  g.w_expert_stride = p.w13_expert_stride;
+  g.w_row_stride = p.w13_row_stride;
   g.cols.count = p.inter;
   if (p.gated) {
     g.cols.paired = true;
@@ -86,8 +92,10 @@ void up_projection(const DecodeParams& p, const Rows& rows) {
 
 template <typename T>
 void down_projection(const DecodeParams& p, const Rows& rows) {
-  const GemmShape g = plain_gemm(p.act, p.w2, p.hidden, p.inter, rows.offsets.data(),
-                                 p.num_local_experts);
+  GemmShape g = plain_gemm(p.act, p.w2, p.hidden, p.inter, rows.offsets.data(),
+                           p.num_local_experts);
+  g.w_expert_stride = p.w2_expert_stride;
+  g.w_row_stride = p.w2_row_stride;
   grouped_gemm_store<T>(g, static_cast<const T*>(p.w2_bias), static_cast<T*>(p.y));
 }
 
@@ -102,6 +110,7 @@ void fused_experts(const DecodeParams& p) {
   });
   UnpermuteParams u;
   u.y = p.y;
+  u.y_stride = p.hidden;
   u.dtype = p.dtype;
   u.rows = rows.offsets[p.num_local_experts];
   u.inv_index = rows.inv.data();

@@ -53,23 +53,29 @@ struct Columns {
 // For each expert e and row r in [offsets[e], offsets[e+1]): A row r times
 // the weight rows of every output column of e.
 struct GemmShape {
-  const void* a = nullptr;           // row r at a + (a_index ? a_index[r] : r) * k
+  const void* a = nullptr;           // row r at a + (a_index ? a_index[r] : r) * a_stride
   const int32_t* a_index = nullptr;
-  const void* w = nullptr;           // [E, w_rows, k]
-  int64_t w_rows = 0;
+  int64_t a_stride = 0;
+  const void* w = nullptr;           // [E, w_rows, k]: row j of e at w + e * w_expert_stride
+  int64_t w_rows = 0;                //   + j * w_row_stride
+  int64_t w_expert_stride = 0, w_row_stride = 0;
   int64_t k = 0;
   Columns cols;
   const int32_t* offsets = nullptr;  // [E + 1]
   int num_experts = 0;
 };
 
-// The plain case: n output columns, column j from weight row j.
+// The plain case: n output columns, column j from weight row j; dense
+// operands unless the strides are set after.
 inline GemmShape plain_gemm(const void* a, const void* w, int64_t n, int64_t k,
                             const int32_t* offsets, int num_experts) {
   GemmShape g;
   g.a = a;
+  g.a_stride = k;
   g.w = w;
   g.w_rows = n;
+  g.w_expert_stride = n * k;
+  g.w_row_stride = k;
   g.k = k;
   g.cols.count = n;
   g.offsets = offsets;
@@ -133,11 +139,11 @@ template <typename T>
 int task_weight_rows(const GemmShape& g, int per_task, const GemmTask& t, const void** rows,
                      int& count) {
   count = static_cast<int>(std::min<int64_t>(per_task, g.cols.count - t.col0));
-  const T* w = static_cast<const T*>(g.w) + t.e * g.w_rows * g.k;
+  const T* w = static_cast<const T*>(g.w) + t.e * g.w_expert_stride;
   for (int j = 0; j < count; ++j) {
     const int64_t col = t.col0 + j;
-    rows[j] = w + col * g.cols.stride * g.k;
-    if (g.cols.paired) rows[count + j] = w + (g.cols.up + col * g.cols.stride) * g.k;
+    rows[j] = w + col * g.cols.stride * g.w_row_stride;
+    if (g.cols.paired) rows[count + j] = w + (g.cols.up + col * g.cols.stride) * g.w_row_stride;
   }
   return g.cols.paired ? 2 * count : count;
 }
@@ -166,7 +172,7 @@ void run_gemm_task(const GemmShape& g, const TileKernels& tk, const GemmTask& t,
     const void* a[kMaxTileRows];
     for (int i = 0; i < n; ++i) {
       const int64_t r = r0 + i;
-      const T* src = static_cast<const T*>(g.a) + (g.a_index ? g.a_index[r] : r) * g.k;
+      const T* src = static_cast<const T*>(g.a) + (g.a_index ? g.a_index[r] : r) * g.a_stride;
       a[i] = widen ? widen_row(src, g.k, s.wide.data() + i * g.k) : src;
     }
     if (packed) tk.packed_dot[elem](a, n, s.panel, g.k, s.sums, tk.cols, ahead);

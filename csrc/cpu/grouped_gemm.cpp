@@ -44,7 +44,10 @@ void grouped_gemm(const GroupedGemmParams& p) {
     if (p.fp8) {
       fp8_grouped_gemm<T>(p, out);
     } else {
-      const GemmShape g = plain_gemm(p.a, p.w, p.n, p.k, p.expert_offsets, p.num_experts);
+      GemmShape g = plain_gemm(p.a, p.w, p.n, p.k, p.expert_offsets, p.num_experts);
+      g.a_stride = p.a_stride;
+      g.w_expert_stride = p.w_expert_stride;
+      g.w_row_stride = p.w_row_stride;
       grouped_gemm_store<T>(g, static_cast<const T*>(p.bias), out);
     }
     const int64_t used = p.expert_offsets[p.num_experts];

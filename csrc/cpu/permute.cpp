@@ -55,7 +55,7 @@ void permute(const PermuteParams& p) {
       for (int64_t s = b; s < end; ++s) {
         if (p.inv_index[s] < 0) continue;
         const float* scale = p.row_weights ? p.row_weights + s : nullptr;
-        copy_row(x + (s / p.topk) * h, out + p.inv_index[s] * h, h, scale);
+        copy_row(x + (s / p.topk) * p.x_stride, out + p.inv_index[s] * h, h, scale);
       }
     });
     const int64_t used = p.expert_offsets[p.num_local_experts];
@@ -67,7 +67,8 @@ void unpermute(const UnpermuteParams& p) {
   const Elem elem = elem_of(p.dtype);
   const Epilogues& ep = epilogues();
   const int64_t h = p.hidden;
-  const int64_t row_bytes = h * (elem == kF32 ? 4 : 2);
+  const int64_t elem_bytes = elem == kF32 ? 4 : 2;
+  const int64_t row_bytes = h * elem_bytes, y_row_bytes = p.y_stride * elem_bytes;
   const char* y = static_cast<const char*>(p.y);
   char* out = static_cast<char*>(p.out);
   parallel_rows(p.num_tokens, 16, [&](int64_t b, int64_t end) {
@@ -78,7 +79,7 @@ void unpermute(const UnpermuteParams& p) {
         const int32_t row = p.inv_index[t * p.topk + k];
         if (row < 0) continue;
         const float w = p.weights ? p.weights[t * p.topk + k] : 1.0f;
-        ep.accumulate[elem](acc.data(), y + row * row_bytes, w, h);
+        ep.accumulate[elem](acc.data(), y + row * y_row_bytes, w, h);
       }
       ep.store[elem](acc.data(), 0, 1, static_cast<int>(h), nullptr, out + t * row_bytes, 0);
     }

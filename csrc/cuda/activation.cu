@@ -14,7 +14,8 @@ constexpr int64_t kMaxBlocks = 4096;  // fills any current GPU; then threads loo
 
 template <Activation A, bool Gated, typename T, int P>
 __global__ void __launch_bounds__(kThreads)
-    activation_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t inter) {
+    activation_kernel(const T* __restrict__ x, int64_t x_stride, T* __restrict__ out, int64_t rows,
+                      int64_t inter) {
   const int64_t row_packs = inter / P, total = rows * row_packs;
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   // (row, pack) of idx, stepped without a 64-bit division per pack.
@@ -25,12 +26,12 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c = pack * P;  // first output column
     Pack<T, P> y;
     if constexpr (!Gated) {
-      const Pack<T, P> v = load_pack<T, P>(x + r * inter + c);
+      const Pack<T, P> v = load_pack<T, P>(x + r * x_stride + c);
 #pragma unroll
       for (int q = 0; q < P; ++q) y.e[q] = from_float<T>(act<A>(to_float(v.e[q])));
     } else if constexpr (A == Activation::kSwigluOai) {
       // Interleaved (g0, u0, g1, u1, ...): outputs c..c+P-1 read 2P inputs.
-      const T* in = x + r * 2 * inter + 2 * c;
+      const T* in = x + r * x_stride + 2 * c;
       const Pack<T, P> lo = load_pack<T, P>(in), hi = load_pack<T, P>(in + P);
       float v[2 * P];
 #pragma unroll
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < P; ++q) y.e[q] = from_float<T>(gated_act<A>(v[2 * q], v[2 * q + 1]));
     } else {
-      const T* in = x + r * 2 * inter + c;
+      const T* in = x + r * x_stride + c;
       const Pack<T, P> gate = load_pack<T, P>(in), up = load_pack<T, P>(in + inter);
 #pragma unroll
       for (int q = 0; q < P; ++q)
@@ -55,15 +56,16 @@ template <Activation A, bool Gated, typename T, int P>
 void launch(const ActivationParams& p, cudaStream_t stream) {
   const int64_t blocks = std::min(ceil_div(p.rows * (p.inter / P), kThreads), kMaxBlocks);
   activation_kernel<A, Gated, T, P><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.x), static_cast<T*>(p.out), p.rows, p.inter);
+      static_cast<const T*>(p.x), p.x_stride, static_cast<T*>(p.out), p.rows, p.inter);
   check_launch("activation_kernel");
 }
 
-// 16-byte packs when a row's I outputs (and so its gate/up halves) are whole
-// aligned vectors.
+// 16-byte packs when a row's I outputs (and so its gate/up halves) and the
+// row stride are whole aligned vectors.
 template <Activation A, bool Gated, typename T>
 void launch_width(const ActivationParams& p, cudaStream_t stream) {
-  if ((p.inter * int64_t(sizeof(T))) % 16 == 0 && aligned16(p.x) && aligned16(p.out)) {
+  if ((p.inter * int64_t(sizeof(T))) % 16 == 0 && (p.x_stride * int64_t(sizeof(T))) % 16 == 0 &&
+      aligned16(p.x) && aligned16(p.out)) {
     launch<A, Gated, T, kVec<T>>(p, stream);
   } else {
     launch<A, Gated, T, 1>(p, stream);

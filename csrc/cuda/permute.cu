@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kSumWarps * 32)
       const int r = __shfl_sync(kFullMask, row, j);
       const float w = __shfl_sync(kFullMask, weight, j);
       if (r < 0) continue;  // warp-uniform
-      const T* src = y + int64_t(r) * H;
+      const T* src = y + int64_t(r) * p.y_stride;
       Pack<T, P> v[kSumUnroll] = {};  // all loads issued before the first use
 #pragma unroll
       for (int u = 0; u < kSumUnroll; ++u) {
@@ -429,7 +429,8 @@ void unpermute(const UnpermuteParams& p, cudaStream_t stream) {
   if (p.topk < 0) fail("unpermute (CUDA): negative topk");
   dispatch_float(p.dtype, "unpermute (CUDA)", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (rows_vectorizable<T>(p.hidden, p.y, p.out)) {
+    if (rows_vectorizable<T>(p.hidden, p.y, p.out) &&
+        (p.y_stride * int64_t(sizeof(T))) % 16 == 0) {
       launch_unpermute<T, kVec<T>>(p, stream);
     } else {
       launch_unpermute<T, 1>(p, stream);
