@@ -274,16 +274,20 @@ def test_fp8_cuda_graph_replay(scheme):
     assert torch.equal(out, fused_moe.fused_experts(x2, q13, q2, tw2, ti2, **kw))
 
 
-def _sm90_fp8_configs():
+def _sm90_configs(prefix):
+    """The built sm90 configurations of one input kind (configs.cmake): fp8_
+    (block scales) or rowcol_ (row/col scales)."""
     from fused_moe.__main__ import build_info
 
     fields = dict(f.split("=", 1) for f in build_info().split(" ") if "=" in f)
-    return [n for n in fields.get("sm90_configs", "").split(",") if n.startswith("fp8_")]
+    return [n for n in fields.get("sm90_configs", "").split(",") if n.startswith(prefix)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", _sm90_fp8_configs() + ["fallback"])
+ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", _sm90_configs("fp8_") + ["fallback"])
 @pytest.mark.parametrize("e,n,k,rows", [(1, 128, 128, 5), (8, 256, 384, 300), (64, 512, 2880, 700),
                                         (6, 2880, 256, 90)])
 def test_grouped_gemm_fp8_each_config(monkeypatch, config, e, n, k, rows):
@@ -293,3 +297,94 @@ def test_grouped_gemm_fp8_each_config(monkeypatch, config, e, n, k, rows):
     ref = reference.grouped_gemm(aq, q, off, None, a_scale=as_, w_scale=ws, block_shape=(128, 128))
     assert rel_err(out, ref) <= GEMM_TOL
     assert torch.all(out[off[-1]:] == 0)
+
+
+# The row/col scale forms of the channel and tensor schemes: a quantized per
+# row (dynamic per token), per tensor (dynamic) or with a static scale; w per
+# output channel ([E, N]) or per expert ([E]). Every pairing runs.
+A_FORMS = ["row", "tensor", "static"]
+W_FORMS = {"channel": quant.QuantConfig.fp8_channel(), "expert": quant.QuantConfig.fp8_tensor()}
+# (E, N, K, rows per expert): one expert; rows on either side of the 32-, 64-
+# and 128-row tiles (N and K partial tiles too); a skewed split with empty
+# experts and N = 2880 (not a multiple of 128 or 256); K % 16 != 0, which every
+# configuration leaves to the fallback.
+ROWCOL_SHAPES = [pytest.param(1, 256, 128, [5], id="one_expert"),
+                 pytest.param(10, 200, 272, [0, 1, 31, 33, 64, 65, 127, 129, 200, 257], id="tiles"),
+                 pytest.param(6, 2880, 512, [0, 90, 3, 0, 400, 17], id="skewed"),
+                 pytest.param(4, 72, 200, [7, 0, 30, 2], id="fallback_shape")]
+
+
+def rowcol_inputs(e, n, k, counts, a_form, w_form, tail=3):
+    """(aq, a_scale, q, w_scale, offsets) on the GPU; `tail` rows past offsets[E]."""
+    q, ws = quant.quantize_weight(torch.randn(e, n, k) / k**0.5, W_FORMS[w_form])
+    a = torch.randn(sum(counts) + tail, k, dtype=torch.bfloat16)
+    if a_form == "static":  # a calibration that saw larger values than these
+        static = quant.scale_of(a.float().abs().amax() * 1.25).reshape(1)
+        aq, as_ = fused_moe.quantize_fp8(a, -1, static)
+    else:
+        aq, as_ = fused_moe.quantize_fp8(a, 0 if a_form == "row" else -1)
+    off = torch.tensor([0] + counts).cumsum(0).int()
+    return [t.cuda() for t in (aq, as_, q, ws, off)]
+
+
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", _sm90_configs("rowcol_") + ["default"])
+@pytest.mark.parametrize("a_form", A_FORMS)
+@pytest.mark.parametrize("w_form", sorted(W_FORMS))
+@pytest.mark.parametrize("e,n,k,counts", ROWCOL_SHAPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_grouped_gemm_fp8_rowcol_each_config(monkeypatch, config, a_form, w_form, e, n, k, counts,
+                                             bias, out_dtype):
+    if config == "default":
+        monkeypatch.delenv("FUSED_MOE_GEMM_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("FUSED_MOE_GEMM_CONFIG", config)
+    aq, as_, q, ws, off = rowcol_inputs(e, n, k, counts, a_form, w_form)
+    b = (torch.randn(e, n, device="cuda") * 0.1).to(out_dtype) if bias else None
+    # A NaN-filled block of out's size left in the caching allocator: rows
+    # the kernel fails to write show up.
+    torch.full((aq.shape[0], n), float("nan"), dtype=out_dtype, device="cuda")
+    out = fused_moe.grouped_gemm(aq, q, off, b, as_, ws, None, out_dtype)
+    ref = reference.grouped_gemm(aq, q, off, b, a_scale=as_, w_scale=ws)
+    assert out.dtype == out_dtype and out.shape == (aq.shape[0], n)
+    assert rel_err(out, ref) <= GEMM_TOL
+    assert torch.all(out[off[-1]:] == 0)
+
+
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", _sm90_configs("rowcol_"))
+@pytest.mark.parametrize("a_form,w_form", [("row", "channel"), ("tensor", "expert")])
+def test_grouped_gemm_fp8_rowcol_graph_replay(monkeypatch, config, a_form, w_form):
+    # Scale pointers are built on the device: a replay with new rows, scales
+    # and routing of the same shapes reads the new ones.
+    monkeypatch.setenv("FUSED_MOE_GEMM_CONFIG", config)
+    e, n, k = 8, 512, 256
+    aq, as_, q, ws, off = rowcol_inputs(e, n, k, [75] * e, a_form, w_form, tail=0)
+    fused_moe.grouped_gemm(aq, q, off, None, as_, ws)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe.grouped_gemm(aq, q, off, None, as_, ws)
+    counts = [0, 300, 1, 0, 150, 100, 49, 0]
+    aq2, as2, _, _, off2 = rowcol_inputs(e, n, k, counts, a_form, w_form, tail=0)
+    for dst, src in ((aq, aq2), (as_, as2), (off, off2)):
+        dst.copy_(src)
+    graph.replay()
+    ref = reference.grouped_gemm(aq, q, off, None, a_scale=as_, w_scale=ws)
+    assert rel_err(out, ref) <= GEMM_TOL
+
+
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", _sm90_configs("rowcol_") + _sm90_configs("fp8_")[:1])
+@pytest.mark.parametrize("scheme", ["block", "channel_token", "tensor_static"])
+def test_fused_experts_fp8_forced_config(monkeypatch, config, scheme):
+    # A forced configuration runs the GEMMs of its own input kind; the others
+    # keep their heuristic (a row/col one forced on block scales and back).
+    monkeypatch.setenv("FUSED_MOE_GEMM_CONFIG", config)
+    m, e, topk, h, i = 130, 16, 4, 256, 144
+    x = torch.randn(m, h, dtype=torch.bfloat16, device="cuda")
+    q13, q2, kw, _ = fp8_layer(e, h, i, scheme, "cuda", bias=True, x=x)
+    tw, ti = random_routing(m, e, topk, device="cuda")
+    out = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
+    ref = reference.fused_experts(x, q13, q2, tw, ti, **kw)
+    assert rel_err(out, ref) <= EXPERTS_TOL

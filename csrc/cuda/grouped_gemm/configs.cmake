@@ -14,10 +14,14 @@
 # need max_active_clusters set, else the clusters that do not fit at once run
 # after all the others have finished.
 #
-# Inputs: 16bit (bf16/fp16 a and w, as the output), or fp8_block (e4m3 a and w
+# Inputs: 16bit (bf16/fp16 a and w, as the output); fp8_block (e4m3 a and w
 # with fp32 scales per row per 128 columns of a and per 128x128 block of w:
-# DeepSeek-V3's scheme; K tiles of 128, one scale block each). Each kind is
-# ordered on its own; the dispatcher only picks among rows of the input kind.
+# DeepSeek-V3's scheme; K tiles of 128, one scale block each); or fp8_rowcol
+# (e4m3 a and w, a scaled per row or per tensor, w per output channel or per
+# expert: the channel and tensor schemes; the scales multiply the fp32
+# accumulator in the epilogue, so the mainloop is the plain FP8 one). Each
+# kind is ordered on its own; the dispatcher only picks among rows of the
+# input kind.
 #
 #   name                 schedule     tile M N K    swap A/B  inputs
 set(FUSED_MOE_SM90_CONFIG_TABLE
@@ -43,4 +47,10 @@ set(FUSED_MOE_SM90_CONFIG_TABLE
   "fp8_swap_128x64x128  Pingpong  128 64 128   true   fp8_block"
   "fp8_ping_64x128x128  Pingpong  64 128 128   false  fp8_block"
   "fp8_coop_128x128x128 Cooperative 128 128 128 false fp8_block"
+  # FP8 with row/col scales. No scales in the K loop leaves registers and
+  # shared memory for 256-wide tiles: few rows per expert (a 32-row N side),
+  # up to a few hundred, many.
+  "rowcol_swap_128x32x128  Pingpong     128 32 128   true   fp8_rowcol"
+  "rowcol_ping_64x256x128  Pingpong     64 256 128   false  fp8_rowcol"
+  "rowcol_coop_128x256x128 Cooperative  128 256 128  false  fp8_rowcol"
 )

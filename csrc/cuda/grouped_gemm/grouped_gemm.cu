@@ -1,17 +1,20 @@
 // The grouped GEMM dispatcher: an sm90a CUTLASS configuration where one
 // applies (Hopper, bf16/fp16 out, N and K multiples of 8, 16-byte aligned;
-// FP8 with 128-wide row scales and 128x128 weight blocks), else the portable
+// FP8 with 128-wide row scales and 128x128 weight blocks, or with a scaled per
+// row or per tensor and w per channel or per expert), else the portable
 // fallback kernel.
 //
 // FUSED_MOE_GEMM_CONFIG=<name> forces a configuration: "fallback" or a built
 // row of configs.cmake (tests and benchmarks use it). It is read on every call
 // (getenv is cheap) so it can change at run time. A forced sm90 configuration
-// runs the calls of its input kind (16-bit or FP8) where the sm90 path
-// applies, the fallback where it does not; the other kind keeps its heuristic.
+// runs the calls of its input kind (16-bit, FP8 block or FP8 row/col scales)
+// where the sm90 path applies, the fallback where it does not; the other kinds
+// keep their heuristics.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -49,13 +52,28 @@ bool fp8_block_scales(const GroupedGemmParams& p) {
          w.row_stride == kb && w.expert_stride == nb * kb;
 }
 
+// The scales the FP8 row/col configurations read: a per row or one for all
+// rows, w per output channel or one per expert.
+bool fp8_rowcol_scales(const GroupedGemmParams& p) {
+  return sm90::row_scales_of(p.a_scale, p.rows, p.k) != sm90::RowScales::kOther &&
+         sm90::row_scales_of(p.w_scale, p.n, p.k) != sm90::RowScales::kOther;
+}
+
+// The sm90 input kind of the call; none for FP8 scales that no sm90 kind takes.
+std::optional<sm90::Inputs> inputs_of(const GroupedGemmParams& p) {
+  if (!p.fp8) return sm90::Inputs::k16bit;
+  if (fp8_block_scales(p)) return sm90::Inputs::kFp8Block;
+  if (fp8_rowcol_scales(p)) return sm90::Inputs::kFp8RowCol;
+  return std::nullopt;
+}
+
 // What the sm90 kernels need: TMA wants 16-byte aligned bases and rows (the
 // strides too, so every expert's base is aligned): 8 elements of 2 bytes, 16
 // of FP8.
 bool sm90_applies(const GroupedGemmParams& p, const DeviceInfo& d) {
   const int64_t in = p.fp8 ? 16 : 8;
   return is_sm90(d) && (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) &&
-         (!p.fp8 || fp8_block_scales(p)) && p.num_experts > 0 && p.k > 0 && p.n % 8 == 0 &&
+         inputs_of(p) && p.num_experts > 0 && p.k > 0 && p.n % 8 == 0 &&
          p.k % in == 0 && p.n <= INT32_MAX && p.k <= INT32_MAX && aligned16(p.a) &&
          aligned16(p.w) && aligned16(p.out) && (p.bias == nullptr || aligned16(p.bias)) &&
          p.a_stride % in == 0 && p.w_expert_stride % in == 0 && p.w_row_stride % in == 0;
@@ -97,6 +115,24 @@ const char* heuristic_fp8(const GroupedGemmParams& p) {
   return "fp8_coop_128x128x128";
 }
 
+// FP8 row/col scales: heuristic_fp8's bands on three tiles. The 32-row
+// swap-AB tile takes both decode bands (up to ~24 rows per expert on average,
+// mostly one tile of rows), the 64-row tile the middle ones, 128 rows beyond.
+const char* heuristic_rowcol(const GroupedGemmParams& p) {
+  const double rows_per_expert = double(p.rows) / p.num_experts;
+  if (rows_per_expert <= 24) return "rowcol_swap_128x32x128";
+  if (rows_per_expert <= (p.num_experts <= 16 ? 1024 : 320)) return "rowcol_ping_64x256x128";
+  return "rowcol_coop_128x256x128";
+}
+
+const char* heuristic_of(sm90::Inputs kind, const GroupedGemmParams& p, const DeviceInfo& d) {
+  switch (kind) {
+    case sm90::Inputs::kFp8Block: return heuristic_fp8(p);
+    case sm90::Inputs::kFp8RowCol: return heuristic_rowcol(p);
+    default: return heuristic(p, d);
+  }
+}
+
 // The built row of the same input kind nearest to `name` in configs.cmake's
 // order (rows per expert), the larger tile on a tie; null when this build has
 // none of that kind.
@@ -105,9 +141,9 @@ const sm90::Config* nearest_built(const char* name) {
   int at = 0;
   while (at < n && std::strcmp(sm90::kTable[at].name, name) != 0) ++at;
   if (at == n) return nullptr;
-  const bool fp8 = sm90::kTable[at].fp8_block;
+  const sm90::Inputs kind = sm90::kTable[at].inputs;
   auto built = [&](int i) {
-    return i >= 0 && i < n && sm90::kTable[i].fp8_block == fp8 && sm90::kTable[i].config;
+    return i >= 0 && i < n && sm90::kTable[i].inputs == kind && sm90::kTable[i].config;
   };
   for (int step = 0; step < n; ++step) {
     if (built(at + step)) return sm90::kTable[at + step].config;
@@ -134,17 +170,18 @@ const sm90::Config* choose(const GroupedGemmParams& p, const DeviceInfo& d) {
   const char* forced = forced_config();
   if (forced && is_fallback(forced)) return nullptr;
   const sm90::Config* named = forced_sm90(forced);
-  if (named && named->fp8_block == p.fp8) return sm90_applies(p, d) ? named : nullptr;
   if (!sm90_applies(p, d)) return nullptr;
-  return nearest_built(p.fp8 ? heuristic_fp8(p) : heuristic(p, d));
+  const sm90::Inputs kind = *inputs_of(p);
+  if (named && named->inputs == kind) return named;
+  return nearest_built(heuristic_of(kind, p, d));
 }
 
 // The largest over the built configurations of the call's input kind, so
 // that the size does not hinge on which one grouped_gemm picks.
-size_t sm90_workspace_bytes(const GroupedGemmParams& p, int sm_count) {
+size_t sm90_workspace_bytes(const GroupedGemmParams& p, sm90::Inputs kind, int sm_count) {
   size_t bytes = 0;
   for (const sm90::Entry& e : sm90::kTable) {
-    if (e.config && e.fp8_block == p.fp8)
+    if (e.config && e.inputs == kind)
       bytes = std::max(bytes, e.config->workspace_bytes(p, sm_count));
   }
   return bytes;
@@ -155,7 +192,8 @@ size_t sm90_workspace_bytes(const GroupedGemmParams& p, int sm_count) {
 size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p) {
   if (p.rows == 0 || p.n == 0) return 0;
   const DeviceInfo& d = device_info();
-  return choose(p, d) ? sm90_workspace_bytes(p, d.sm_count) : 0;  // fallback: none
+  const sm90::Config* config = choose(p, d);
+  return config ? sm90_workspace_bytes(p, config->inputs, d.sm_count) : 0;  // fallback: none
 }
 
 void grouped_gemm(const GroupedGemmParams& p, void* workspace, cudaStream_t stream) {

@@ -11,11 +11,18 @@
 // are built on the device (no host sync; host problem sizes are nullptr), and
 // experts with no rows give empty groups, which the group scheduler skips.
 //
-// FP8 rows (kFp8Block): e4m3 a and w, scaled in the mainloop (CUTLASS's
-// blockwise FP8 kernels) per row per 128 columns of a and per 128x128 block
-// of w. Those kernels read each group's scales M/N-major from a layout they
-// derive from the group's problem size, so build_groups copies the op's
-// row-major scales into that order in the workspace.
+// FP8 block rows (Inputs::kFp8Block): e4m3 a and w, scaled in the mainloop
+// (CUTLASS's blockwise FP8 kernels) per row per 128 columns of a and per
+// 128x128 block of w. Those kernels read each group's scales M/N-major from a
+// layout they derive from the group's problem size, so build_groups copies the
+// op's row-major scales into that order in the workspace.
+//
+// FP8 row/col rows (Inputs::kFp8RowCol): e4m3 a and w, a scaled per row or per
+// tensor, w per output channel or per expert. The scales are constant along
+// K, so they multiply the fp32 accumulator in the epilogue and the mainloop is
+// the plain FP8 one (fast accumulation: nothing to apply per K block). They
+// are read in place through per-group pointers, each a vector along its side
+// of the tile or, with a false stride, a scalar.
 #pragma once
 
 #include <algorithm>
@@ -44,23 +51,29 @@ namespace fused_moe::cuda::sm90 {
 
 enum class Schedule { kCooperative, kPingpong };
 
-// ElementIn: of a and w (Element, or float_e4m3_t with kFp8Block); Element: of out and bias.
+namespace fusion = cutlass::epilogue::fusion;
+
+// ElementIn: of a and w (Element, or float_e4m3_t with FP8 inputs); Element: of out and bias.
 template <class ElementIn, class Element, class TileShape, class ClusterShape, Schedule kSchedule,
-          bool kSwapAB_, bool kFp8Block_>
+          bool kSwapAB_, Inputs kInputs>
 struct GroupedGemm {
   static constexpr bool kSwapAB = kSwapAB_;
-  static constexpr bool kFp8Block = kFp8Block_;
+  static constexpr bool kFp8Block = kInputs == Inputs::kFp8Block;
+  static constexpr bool kFp8RowCol = kInputs == Inputs::kFp8RowCol;
+  static constexpr bool kFp8 = kFp8Block || kFp8RowCol;
   static constexpr bool kCooperative = kSchedule == Schedule::kCooperative;
+  template <class Cooperative, class Pingpong>
+  using BySchedule = std::conditional_t<kCooperative, Cooperative, Pingpong>;
   using MainloopSchedule = std::conditional_t<kFp8Block,
-      std::conditional_t<kCooperative,
-          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
-          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise>,
-      std::conditional_t<kCooperative,
-          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
-          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>>;
-  using EpilogueSchedule = std::conditional_t<kCooperative,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+      BySchedule<cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                 cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise>,
+      std::conditional_t<kFp8RowCol,
+          BySchedule<cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8FastAccum,
+                     cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8FastAccum>,
+          BySchedule<cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
+                     cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>>>;
+  using EpilogueSchedule = BySchedule<cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+                                      cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
 
   // Both operands are K-major in either mode; only D changes: out is row-major
   // [rows, N], which is out^T column-major.
@@ -85,14 +98,26 @@ struct GroupedGemm {
   // M with swap-AB (a column broadcast). A null array adds zero, so one kernel
   // serves with and without bias (half the instantiations, half the build).
   using Bias = std::conditional_t<kSwapAB,
-      cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, Element*, float,
-                                                  cute::Stride<cute::_1, cute::_0, cute::_0>>,
-      cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element*, float,
-                                                  cute::Stride<cute::_0, cute::_1, cute::_0>>>;
-  using Fusion = cutlass::epilogue::fusion::Sm90EVT<
-      cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, Element, float,
-                                             cutlass::FloatRoundStyle::round_to_nearest>,
-      cutlass::epilogue::fusion::Sm90AccFetch, Bias>;
+      fusion::Sm90ColBroadcast<0, TileShape, Element*, float,
+                               cute::Stride<cute::_1, cute::_0, cute::_0>>,
+      fusion::Sm90RowBroadcast<0, TileShape, Element*, float,
+                               cute::Stride<cute::_0, cute::_1, cute::_0>>>;
+  template <template <class> class Op, class Out>
+  using Compute = fusion::Sm90Compute<Op, Out, float, cutlass::FloatRoundStyle::round_to_nearest>;
+  using PlainFusion = fusion::Sm90EVT<Compute<cutlass::plus, Element>, fusion::Sm90AccFetch, Bias>;
+
+  // FP8 row/col: D = scale_m * (scale_n * acc) + bias[e], scale_m along the
+  // MMA's M (a column broadcast: a's rows in plain mode, w's with swap-AB) and
+  // scale_n along its N. The stride's bool says vector (true) or scalar; the
+  // alignment of 1 lets a group's vector start at any row.
+  using ScaleM = fusion::Sm90ColBroadcast<0, TileShape, float*, float,
+                                          cute::Stride<bool, cute::_0, int64_t>, 1>;
+  using ScaleN = fusion::Sm90RowBroadcast<0, TileShape, float*, float,
+                                          cute::Stride<cute::_0, bool, int64_t>, 1>;
+  using RowColFusion = fusion::Sm90EVT<Compute<cutlass::homogeneous_multiply_add, Element>, ScaleM,
+      fusion::Sm90EVT<Compute<cutlass::multiplies, float>, ScaleN, fusion::Sm90AccFetch>, Bias>;
+
+  using Fusion = std::conditional_t<kFp8RowCol, RowColFusion, PlainFusion>;
 
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
   using ProblemSize = typename ProblemShape::UnderlyingProblemShape;
@@ -118,7 +143,8 @@ struct GroupedGemm {
   using StrideD = typename Kernel::InternalStrideD;
 
   // The per-group arrays CUTLASS reads, carved from the front of the workspace;
-  // with FP8 also each group's scale pointers and the scales in CUTLASS's order:
+  // with FP8 also each group's scale pointers (sfa: of the MMA's A, its M side;
+  // sfb: of B), and with block scales the scales in CUTLASS's order:
   // row_scales[off[e] * kb + k * rows_e + r] and weight_scales[(e * kb + k) * nb + n].
   struct Groups {
     ProblemSize* sizes;
@@ -158,20 +184,37 @@ struct GroupedGemm {
     g.stride_a = c.template take<StrideA>(num_groups);
     g.stride_b = c.template take<StrideB>(num_groups);
     g.stride_d = c.template take<StrideD>(num_groups);
-    if constexpr (kFp8Block) {
-      const int64_t kb = ceil_div(p.k, kScaleBlock), nb = ceil_div(p.n, kScaleBlock);
+    if constexpr (kFp8) {
       g.sfa = c.template take<const float*>(num_groups);
       g.sfb = c.template take<const float*>(num_groups);
+    }
+    if constexpr (kFp8Block) {
+      const int64_t kb = ceil_div(p.k, kScaleBlock), nb = ceil_div(p.n, kScaleBlock);
       g.row_scales = c.template take<float>(p.rows * kb);
       g.weight_scales = c.template take<float>(num_groups * nb * kb);
     }
     return g;
   }
 
-  static typename Gemm::Arguments arguments(const Groups& g, int num_groups, bool has_bias, int sm_count) {
+  static typename Fusion::Arguments fusion_arguments(const Groups& g, const GroupedGemmParams& p) {
+    const Element* const* bias = p.bias ? g.bias : nullptr;
+    if constexpr (kFp8RowCol) {
+      const bool a_vector = row_scales_of(p.a_scale, p.rows, p.k) == RowScales::kPerRow;
+      const bool w_vector = row_scales_of(p.w_scale, p.n, p.k) == RowScales::kPerRow;
+      const bool m_vector = kSwapAB ? w_vector : a_vector, n_vector = kSwapAB ? a_vector : w_vector;
+      return {{g.sfa, 0.0f, {m_vector, cute::_0{}, 0}},
+              {{g.sfb, 0.0f, {cute::_0{}, n_vector, 0}}, {}, {}},
+              {bias},
+              {}};
+    } else {
+      return {{}, {bias}, {}};
+    }
+  }
+
+  static typename Gemm::Arguments arguments(const Groups& g, const GroupedGemmParams& p,
+                                            int sm_count) {
     cutlass::KernelHardwareInfo hw;
     hw.sm_count = sm_count;  // given, so CUTLASS queries nothing
-    typename Fusion::Arguments fusion{{}, {has_bias ? g.bias : nullptr}, {}};
     typename Gemm::GemmKernel::MainloopArguments mainloop;
     if constexpr (kFp8Block) {
       // The scale layouts are derived from each group's problem size (not read).
@@ -181,9 +224,9 @@ struct GroupedGemm {
     }
     return typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
-        {num_groups, g.sizes, nullptr},  // sizes on the device only
+        {p.num_experts, g.sizes, nullptr},  // sizes on the device only
         mainloop,
-        {fusion, nullptr, nullptr, g.d, g.stride_d},
+        {fusion_arguments(g, p), nullptr, nullptr, g.d, g.stride_d},
         hw};
   }
 
@@ -191,7 +234,7 @@ struct GroupedGemm {
   static size_t workspace_bytes(const GroupedGemmParams& p, int sm_count) {
     Carver c{0};
     Groups g = carve(c, p);
-    return c.used + Gemm::get_workspace_size(arguments(g, p.num_experts, true, sm_count));
+    return c.used + Gemm::get_workspace_size(arguments(g, p, sm_count));
   }
 };
 
@@ -239,6 +282,26 @@ __device__ void order_scales(const G& g, const GroupedGemmParams& p, int64_t fir
   }
 }
 
+// FP8: the first scale of group e's rows of a and of w[e]. Block scales are
+// read from the workspace (order_scales); row/col scales in place, where a
+// scale for all rows (or all of w[e]) is its one element, read with stride 0.
+struct GroupScales {
+  const float* rows;
+  const float* weights;
+};
+
+template <class G>
+__device__ GroupScales group_scales(const typename G::Groups& g, const GroupedGemmParams& p,
+                                    int64_t e, int64_t begin) {
+  if constexpr (G::kFp8Block) {
+    const int64_t kb = ceil_div(p.k, kScaleBlock), nb = ceil_div(p.n, kScaleBlock);
+    return {g.row_scales + begin * kb, g.weight_scales + e * nb * kb};
+  } else {
+    const ScaleGrid &a = p.a_scale, &w = p.w_scale;
+    return {a.data + begin / a.rows_per * a.row_stride, w.data + e * w.expert_stride};
+  }
+}
+
 template <class G, class ElementIn, class Element>
 __global__ void build_groups(typename G::Groups g, GroupedGemmParams p) {
   const ElementIn* a = static_cast<const ElementIn*>(p.a);
@@ -277,12 +340,10 @@ __global__ void build_groups(typename G::Groups g, GroupedGemmParams p) {
     }
     g.d[e] = out + begin * n;
     if (bias) g.bias[e] = bias + e * n;
-    if constexpr (G::kFp8Block) {
-      const int64_t kb = ceil_div(p.k, kScaleBlock), nb = ceil_div(p.n, kScaleBlock);
-      const float* row_scales = g.row_scales + begin * kb;
-      const float* weight_scales = g.weight_scales + e * nb * kb;
-      g.sfa[e] = G::kSwapAB ? weight_scales : row_scales;
-      g.sfb[e] = G::kSwapAB ? row_scales : weight_scales;
+    if constexpr (G::kFp8) {
+      const GroupScales s = group_scales<G>(g, p, e, begin);
+      g.sfa[e] = G::kSwapAB ? s.weights : s.rows;
+      g.sfb[e] = G::kSwapAB ? s.rows : s.weights;
     }
   }
   if constexpr (G::kFp8Block) order_scales(g, p, first, step);
@@ -314,7 +375,7 @@ void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, 
   build_groups<G, ElementIn, Element><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(groups, p);
   check_launch("grouped_gemm (sm90): build_groups");
 
-  const auto args = G::arguments(groups, p.num_experts, p.bias != nullptr, sm_count);
+  const auto args = G::arguments(groups, p, sm_count);
   typename G::Gemm gemm;
   check(gemm.can_implement(args), config, "can_implement");
   check(gemm.initialize(args, cutlass_workspace, stream), config, "initialize");
@@ -322,16 +383,16 @@ void run_typed(const char* config, const GroupedGemmParams& p, void* workspace, 
   check_launch("grouped_gemm (sm90): the GEMM");
 }
 
-// Spec: kName, TileShape, ClusterShape, kSchedule, kSwapAB, kFp8Block.
+// Spec: kName, TileShape, ClusterShape, kSchedule, kSwapAB, kInputs.
 template <class Spec>
 struct ConfigImpl {
-  // The inputs are of the output's type, or e4m3 with FP8 block scales.
+  // The inputs are of the output's type, or e4m3.
   template <class Element>
-  using In = std::conditional_t<Spec::kFp8Block, cutlass::float_e4m3_t, Element>;
+  using In = std::conditional_t<Spec::kInputs == Inputs::k16bit, Element, cutlass::float_e4m3_t>;
   template <class Element>
   using G = GroupedGemm<In<Element>, Element, typename Spec::TileShape,
                         typename Spec::ClusterShape, Spec::kSchedule, Spec::kSwapAB,
-                        Spec::kFp8Block>;
+                        Spec::kInputs>;
 
   static size_t workspace_bytes(const GroupedGemmParams& p, int sm_count) {
     return std::max(G<cutlass::bfloat16_t>::workspace_bytes(p, sm_count),
@@ -357,7 +418,7 @@ struct ConfigImpl {
 
 template <class Spec>
 constexpr Config make_config() {
-  return Config{Spec::kName, Spec::kFp8Block, &ConfigImpl<Spec>::workspace_bytes,
+  return Config{Spec::kName, Spec::kInputs, &ConfigImpl<Spec>::workspace_bytes,
                 &ConfigImpl<Spec>::run};
 }
 
