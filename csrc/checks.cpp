@@ -3,20 +3,18 @@
 namespace fused_moe {
 
 std::string shape_str(const Tensor& t) {
-  std::ostringstream s;
-  s << "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
-  s << "]";
-  return s.str();
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += concat(i ? ", " : "", t.size(i));
+  return s + "]";
 }
 
 void Arg::dtype_in(std::initializer_list<ScalarType> allowed) const {
   for (ScalarType a : allowed)
     if (t.scalar_type() == a) return;
-  std::ostringstream want;
+  std::string want;
   int i = 0;
-  for (ScalarType a : allowed) want << (i++ ? " or " : "") << torch::headeronly::toString(a);
-  fail(op, ": ", name, " must be ", want.str(), ", got ",
+  for (ScalarType a : allowed) want += concat(i++ ? " or " : "", torch::headeronly::toString(a));
+  fail(op, ": ", name, " must be ", want, ", got ",
        torch::headeronly::toString(t.scalar_type()));
 }
 
@@ -28,15 +26,13 @@ void Arg::shape_is(std::initializer_list<int64_t> sizes) const {
     ++i;
   }
   if (ok) return;
-  std::ostringstream want;
-  want << "[";
+  std::string want = "[";
   i = 0;
   for (int64_t s : sizes) {
-    want << (i++ ? ", " : "");
-    if (s >= 0) want << s; else want << "*";
+    want += i++ ? ", " : "";
+    want += s >= 0 ? std::to_string(s) : std::string("*");
   }
-  want << "]";
-  fail(op, ": ", name, " must have shape ", want.str(), ", got ", shape_str(t));
+  fail(op, ": ", name, " must have shape ", want + "]", ", got ", shape_str(t));
 }
 
 void Arg::same_device(const Tensor& ref, const char* ref_name) const {

@@ -2,10 +2,11 @@
 // what it got and what was expected, and raises RuntimeError in Python.
 #pragma once
 
+#include <cstdio>
 #include <initializer_list>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
@@ -15,11 +16,33 @@ namespace fused_moe {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
+// Messages are built from strings and numbers without iostreams: a stream
+// formats numbers through the process's locale facets, and a failure path
+// should not depend on how the library and the host's libstdc++ agree on them.
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+template <typename T>
+std::enable_if_t<std::is_arithmetic_v<T>> append(std::string& s, T v) {
+  if constexpr (std::is_floating_point_v<T>) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+    s += buf;
+  } else {
+    s += std::to_string(v);
+  }
+}
+
+template <typename... Args>
+std::string concat(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+
 template <typename... Args>
 [[noreturn]] void fail(const Args&... args) {
-  std::ostringstream s;
-  (s << ... << args);
-  throw std::runtime_error(s.str());
+  throw std::runtime_error(concat(args...));
 }
 
 #define FUSED_MOE_CHECK(cond, ...) \

@@ -388,3 +388,87 @@ def test_fused_experts_fp8_forced_config(monkeypatch, config, scheme):
     out = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
     ref = reference.fused_experts(x, q13, q2, tw, ti, **kw)
     assert rel_err(out, ref) <= EXPERTS_TOL
+
+
+# --- the FP8 decode kernels (CUDA, sm_89 on) -----------------------------------------
+
+HAS_FP8_MMA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def cuda_kernels_run(fn):
+    """Names of the CUDA kernels fn() launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.skipif(not HAS_FP8_MMA, reason="needs a GPU with FP8 tensor cores (sm_89+)")
+@pytest.mark.parametrize("scheme", ["block", "channel_token", "channel_static", "tensor_static"])
+@pytest.mark.parametrize("m,e,topk,h,i,act,bias", [
+    (1, 8, 2, 256, 128, "silu", False),
+    (3, 8, 4, 320, 192, "silu", True),     # partial 128-blocks along both K
+    (1, 4, 2, 2880, 2880, "swigluoai", True),  # gpt-oss: 22.5 blocks of 128
+    (5, 4, 2, 192, 256, "gelu", False),    # plain (not gated) activations
+    (2, 6, 1, 128, 128, "relu2", False),
+])
+def test_fp8_decode_kernels(monkeypatch, scheme, m, e, topk, h, i, act, bias):
+    """The FP8 decode kernels (forced) against the emulation of the scheme,
+    and near the chain; the profiler sees them run."""
+    gated = act in ("silu", "swigluoai")
+    x = torch.randn(m, h, dtype=torch.bfloat16, device="cuda")
+    q13, q2, kw, _ = fp8_layer(e, h, i, scheme, "cuda", bias=bias, x=x.cpu().float())
+    if not gated:  # the first half of each gated w13 (a whole number of scale blocks)
+        q13 = q13[:, :i].contiguous()
+        s13 = kw["w13_scale"]
+        if s13.dim() >= 2 and s13.shape[1] > 1:
+            kw["w13_scale"] = s13[:, :s13.shape[1] // 2].contiguous()
+        if bias:
+            kw["w13_bias"] = kw["w13_bias"][:, :i].contiguous()
+    tw, ti = random_routing(m, e, topk, device="cuda")
+    call = lambda: fused_moe.fused_experts(x, q13, q2, tw, ti, activation=act,
+                                           is_act_and_mul=gated, **kw)
+    monkeypatch.setenv("FUSED_MOE_DECODE", "1")
+    assert any("fp8_up_kernel" in n for n in cuda_kernels_run(call))
+    out = call()
+    ref = reference.fused_experts(x, q13, q2, tw, ti, activation=act, is_act_and_mul=gated, **kw)
+    assert rel_err(out, ref) <= EXPERTS_TOL
+    monkeypatch.setenv("FUSED_MOE_DECODE", "0")
+    assert rel_err(out, call()) <= EXPERTS_TOL  # two roundings of the same scheme
+
+
+@pytest.mark.skipif(not HAS_FP8_MMA, reason="needs a GPU with FP8 tensor cores (sm_89+)")
+def test_fp8_decode_expert_map_and_router_weight_on_input(monkeypatch):
+    """Slots of other ranks contribute nothing (a token with none gives zeros);
+    the router weight on the input scales x before it is quantized."""
+    monkeypatch.setenv("FUSED_MOE_DECODE", "1")
+    x = torch.randn(4, 256, dtype=torch.bfloat16, device="cuda")
+    q13, q2, kw, _ = fp8_layer(4, 256, 128, "block", "cuda")
+    expert_map = torch.tensor([-1, 0, 1, -1, 2, 3, -1, -1], dtype=torch.int32, device="cuda")
+    tw, ti = random_routing(4, 8, 2, device="cuda")
+    ti[0] = torch.tensor([0, 3], device="cuda")  # both slots remote
+    out = fused_moe.fused_experts(x, q13, q2, tw, ti, expert_map=expert_map, **kw)
+    ref = reference.fused_experts(x, q13, q2, tw, ti, expert_map=expert_map, **kw)
+    assert torch.all(out[0] == 0) and rel_err(out, ref) <= EXPERTS_TOL
+    tw1, ti1 = random_routing(4, 4, 1, device="cuda")
+    out = fused_moe.fused_experts(x, q13, q2, tw1, ti1, apply_router_weight_on_input=True, **kw)
+    ref = reference.fused_experts(x, q13, q2, tw1, ti1, apply_router_weight_on_input=True, **kw)
+    assert rel_err(out, ref) <= EXPERTS_TOL
+
+
+@pytest.mark.skipif(not HAS_FP8_MMA, reason="needs a GPU with FP8 tensor cores (sm_89+)")
+def test_fp8_decode_is_the_default_for_one_token_and_replays():
+    """One token takes the FP8 decode kernels by default, and they replay in a CUDA graph."""
+    x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda")
+    q13, q2, kw, _ = fp8_layer(8, 512, 256, "block", "cuda")
+    tw, ti = random_routing(1, 8, 2, device="cuda")
+    assert any("fp8_up_kernel" in n for n in cuda_kernels_run(
+        lambda: fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
+    x2 = torch.randn_like(x)
+    tw2, ti2 = random_routing(1, 8, 2, device="cuda")
+    x.copy_(x2), tw.copy_(tw2), ti.copy_(ti2)
+    graph.replay()
+    assert torch.equal(out, fused_moe.fused_experts(x2, q13, q2, tw2, ti2, **kw))

@@ -3,11 +3,10 @@
 // group twice (the second time from L1/L2). Per tensor, a first pass takes
 // the amax of every row into one word (an atomic max: order-free, so the
 // result is the same bits on every run).
-#include <cuda_fp8.h>
-
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/fp8.cuh"
 
 namespace fused_moe::cuda {
 namespace {
@@ -20,8 +19,6 @@ template <int P>
 struct alignas(P) Bytes {
   uint8_t e[P];
 };
-
-__device__ __forceinline__ float scale_of(float amax) { return fmaxf(amax, kScaleEps) / kFp8Max; }
 
 // The warp's amax of n elements from x, P at a time.
 template <typename T, int P>
@@ -43,10 +40,7 @@ __device__ void warp_quantize(const T* x, int64_t n, float scale, uint8_t* q, in
     const Pack<T, P> v = load_pack<T, P>(x + i);
     Bytes<P> out;
 #pragma unroll
-    for (int j = 0; j < P; ++j) {
-      const float y = fminf(fmaxf(__fdiv_rn(to_float(v.e[j]), scale), -kFp8Max), kFp8Max);
-      out.e[j] = __nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
-    }
+    for (int j = 0; j < P; ++j) out.e[j] = fp8_quantize(to_float(v.e[j]), scale);
     *reinterpret_cast<Bytes<P>*>(q + i) = out;
   }
 }
@@ -70,14 +64,14 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeParams p, co
   const int lane = threadIdx.x % 32;
   float scale = 0.0f;
   if (p.static_scale) scale = *p.static_scale;
-  else if (amax) scale = scale_of(__uint_as_float(*amax));
+  else if (amax) scale = fp8_scale_of(__uint_as_float(*amax));
   if ((p.static_scale || amax) && blockIdx.x == 0 && threadIdx.x == 0) p.scales[0] = scale;
   if (warp >= p.rows * groups) return;
   const int64_t r = warp / groups, c0 = warp % groups * p.group;
   const int64_t n = min(p.group, p.cols - c0);
   const T* x = static_cast<const T*>(p.x) + r * p.x_stride + c0;
   if (!p.static_scale && !amax) {
-    scale = scale_of(warp_amax<T, P>(x, n, lane));
+    scale = fp8_scale_of(warp_amax<T, P>(x, n, lane));
     if (lane == 0) p.scales[warp] = scale;
   }
   warp_quantize<T, P>(x, n, scale, p.q + r * p.cols + c0, lane);
