@@ -7,6 +7,7 @@
 // multiples where not dense), on the CPU as on CUDA; all others are dense.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -115,12 +116,70 @@ struct QuantizeParams {
 constexpr float kFp8Max = 448.0f;
 constexpr float kScaleEps = 1e-10f;
 
+// 4-bit weights (DESIGN.md's table): w is uint8 [E, N, K/2], two codes a
+// byte along K, the even k in the low nibble; one scale (and, for int4, one
+// zero point) per `group` columns of a row. mxfp4: value = e2m1(code) *
+// 2^(e8m0 - 127) (scales are e8m0 bytes, group 32); int4: value = (code -
+// zero) * scale (scales of scale_dtype: Float, BFloat16 or Half; zero 8
+// when there are no zero points). value() is the one formula, CPU and CUDA.
+enum class Packed4 : int { kNone = 0, kMxfp4, kInt4 };
+
+struct Packed4Scales {
+  Packed4 kind = Packed4::kNone;
+  const void* scale = nullptr;            // [E, N, K / group]
+  ScalarType scale_dtype = ScalarType::Byte;
+  const uint8_t* zero = nullptr;          // int4: [E, N, K / group] codes 0..15, or null
+  int64_t group = 32;
+  int64_t row_stride = 0;                 // K / group
+  int64_t expert_stride = 0;              // N * K / group
+
+  FUSED_MOE_HD float scale_at(int64_t i) const {
+    if (kind == Packed4::kMxfp4) {
+      const int x = static_cast<const uint8_t*>(scale)[i];
+      return x == 255 ? __builtin_nanf("") : ldexpf(1.0f, x - 127);
+    }
+    switch (scale_dtype) {
+      case ScalarType::Float: return static_cast<const float*>(scale)[i];
+      case ScalarType::BFloat16: return bits_to_float(uint32_t(static_cast<const uint16_t*>(scale)[i]) << 16);
+      default: return half_to_float(static_cast<const uint16_t*>(scale)[i]);
+    }
+  }
+
+  // Element (n, k) of expert e, whose 4-bit code is `code`.
+  FUSED_MOE_HD float value(int64_t e, int64_t n, int64_t k, int code) const {
+    const int64_t i = e * expert_stride + n * row_stride + k / group;
+    if (kind == Packed4::kMxfp4) {
+      constexpr float kE2m1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+      const float v = kE2m1[code & 7];
+      return (code & 8 ? -v : v) * scale_at(i);
+    }
+    const int z = zero ? zero[i] : 8;
+    return static_cast<float>(code - z) * scale_at(i);
+  }
+
+  FUSED_MOE_HD static float bits_to_float(uint32_t bits) {
+    float f;
+    __builtin_memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+
+  // IEEE half to float (normals, subnormals, inf, NaN), without a half type.
+  FUSED_MOE_HD static float half_to_float(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+    if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));
+    if (exp != 0) return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+    const float sub = static_cast<float>(man) * (1.0f / 16777216.0f);  // man * 2^-24
+    return sign ? -sub : sub;
+  }
+};
+
 struct GroupedGemmParams {
   const void* a = nullptr;               // [R, K] rows sorted by expert
   ScalarType dtype = ScalarType::Float;  // of a, w, bias and out; of bias and out when fp8
   bool fp8 = false;                      // a and w e4m3fn, scaled by a_scale and w_scale
   ScaleGrid a_scale;                     // fp8: of a (rows R, columns K)
   ScaleGrid w_scale;                     // fp8: of w[e] (rows N, columns K)
+  Packed4Scales w4;                      // 4-bit w (kind != kNone): w uint8 [E, N, K/2]
   int64_t a_stride = 0;                  // between rows of a
   const void* w = nullptr;               // [E, N, K]
   int64_t w_expert_stride = 0;           // between experts of w
