@@ -2,14 +2,15 @@
 // applies (Hopper, bf16/fp16 out, N and K multiples of 8, 16-byte aligned;
 // FP8 with 128-wide row scales and 128x128 weight blocks, or with a scaled per
 // row or per tensor and w per channel or per expert), else the portable
-// fallback kernel.
+// fallback kernel. 4-bit weights (mxfp4, int4) always take the fallback: no
+// sm90 configuration reads them.
 //
 // FUSED_MOE_GEMM_CONFIG=<name> forces a configuration: "fallback" or a built
 // row of configs.cmake (tests and benchmarks use it). It is read on every call
 // (getenv is cheap) so it can change at run time. A forced sm90 configuration
 // runs the calls of its input kind (16-bit, FP8 block or FP8 row/col scales)
 // where the sm90 path applies, the fallback where it does not; the other kinds
-// keep their heuristics.
+// keep their heuristics (4-bit weights: the fallback).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -59,8 +60,10 @@ bool fp8_rowcol_scales(const GroupedGemmParams& p) {
          sm90::row_scales_of(p.w_scale, p.n, p.k) != sm90::RowScales::kOther;
 }
 
-// The sm90 input kind of the call; none for FP8 scales that no sm90 kind takes.
+// The sm90 input kind of the call; none for 4-bit weights and for FP8 scales
+// that no sm90 kind takes.
 std::optional<sm90::Inputs> inputs_of(const GroupedGemmParams& p) {
+  if (p.w4.kind != Packed4::kNone) return std::nullopt;
   if (!p.fp8) return sm90::Inputs::k16bit;
   if (fp8_block_scales(p)) return sm90::Inputs::kFp8Block;
   if (fp8_rowcol_scales(p)) return sm90::Inputs::kFp8RowCol;
@@ -72,7 +75,8 @@ std::optional<sm90::Inputs> inputs_of(const GroupedGemmParams& p) {
 // of FP8.
 bool sm90_applies(const GroupedGemmParams& p, const DeviceInfo& d) {
   const int64_t in = p.fp8 ? 16 : 8;
-  return is_sm90(d) && (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) &&
+  return is_sm90(d) && p.w4.kind == Packed4::kNone &&
+         (p.dtype == ScalarType::BFloat16 || p.dtype == ScalarType::Half) &&
          inputs_of(p) && p.num_experts > 0 && p.k > 0 && p.n % 8 == 0 &&
          p.k % in == 0 && p.n <= INT32_MAX && p.k <= INT32_MAX && aligned16(p.a) &&
          aligned16(p.w) && aligned16(p.out) && (p.bias == nullptr || aligned16(p.bias)) &&
