@@ -543,17 +543,18 @@ def dequantize_packed4(q: torch.Tensor, scale: torch.Tensor, zero_point=None,
     floats: int4, zero points or 8) -> weights [E, N, K] in ``dtype``."""
     codes = unpack_4bit(q).long()
     group = codes.shape[-1] // scale.shape[-1]
+    work = torch.promote_types(dtype, torch.float32)  # float64 keeps 6 * 2^127 finite
     if scale.dtype in E8M0_DTYPES:
         exponent = scale.view(torch.uint8).int()
-        s = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent - 127)
+        s = torch.ldexp(torch.ones_like(exponent, dtype=work), exponent - 127)
         s = torch.where(exponent == 255, torch.nan, s)
-        table = torch.tensor(E2M1_MAGNITUDES, device=q.device)
+        table = torch.tensor(E2M1_MAGNITUDES, dtype=work, device=q.device)
         values = torch.where(codes >= 8, -table[codes & 7], table[codes & 7])
     else:
-        s = scale.float()
+        s = scale.to(work)
         zero = INT4_SYMMETRIC_ZERO if zero_point is None else \
             zero_point.long().repeat_interleave(group, dim=-1)
-        values = (codes - zero).float()
+        values = (codes - zero).to(work)
     return (values * s.repeat_interleave(group, dim=-1)).to(dtype)
 
 
