@@ -68,7 +68,7 @@ WHOLE_LAYER_NAMES = {
     "w2_bias": ("w2_bias", "w2"),
 }
 # Scale names after a weight's name (``{e}.w1.<name>``, ``w13_<name>``).
-SCALE_NAMES = ("weight_scale_inv", "weight_scale", "input_scale")
+SCALE_NAMES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point")
 WHOLE_LAYER_NAMES.update({f"{p}_{n}": (f"{p}_{n}", p) for p in ("w13", "w2") for n in SCALE_NAMES})
 _WEIGHTS = ("w13_weight", "w2_weight")
 _SCALES = tuple(f"{p}_{n}" for p in ("w13", "w2") for n in SCALE_NAMES)
@@ -212,12 +212,15 @@ def _copy_into(layer, role, slot, full, shard_id):
 
 def _quantize_and_copy(layer, role, slot, full, shard_id):
     """Online quantization: the whole checkpoint tensor of one expert, so that
-    every TP rank cuts the same fp8 weights and scales, then loaded as fp8."""
-    q, scale = quantize_weight(full, layer.quant_config)
-    scale_role = weight_scale_name(layer.quant_config, role)
+    every TP rank cuts the same quantized weights and scales, then loaded as
+    such (4-bit with asymmetric groups: their zero points too)."""
+    q, scale, *zero = quantize_weight(full, layer.quant_config)
     _copy_into(layer, role, slot, q, shard_id)
-    shape = _full_shape(layer, scale_role, shard_id)
-    _copy_into(layer, scale_role, slot, _fit_scale(scale, (1,), shape), shard_id)
+    prefix = role[:-len("weight")]
+    for scale_role, t in ((weight_scale_name(layer.quant_config, role), scale),
+                          *((f"{prefix}weight_zero_point", z) for z in zero)):
+        shape = _full_shape(layer, scale_role, shard_id)
+        _copy_into(layer, scale_role, slot, _fit_scale(t, (1,), shape), shard_id)
 
 
 def _role(layer, param):
@@ -271,7 +274,8 @@ def _full_shape(layer, role, shard_id):
         return shape[:1]
     if role.endswith("input_scale"):
         return ()
-    if role.endswith("weight_scale_inv"):
+    if role.endswith("weight_scale_inv") or \
+            (role.endswith(("weight_scale", "weight_zero_point")) and layer.quant_config.packed4):
         return layer.quant_config.weight_scale_shape(1, *shape)[1:]
     if role.endswith("weight_scale"):
         if layer.quant_config.weight_scale == "channel":
@@ -359,14 +363,16 @@ def _tp_slice(layer, t, dim):
 
 
 def _copy_scale(layer, dst, full, role, shard_id):
-    """This rank's part of one expert's scale ``full`` [1, ...] into ``dst`` [1, ...]."""
-    full = full.float()
+    """This rank's part of one expert's scale ``full`` [1, ...] into ``dst`` [1, ...]
+    (4-bit weights' scales and zero points as they are, cut like the rows)."""
+    if not layer.quant_config.packed4:
+        full = full.float()
     if role.endswith("input_scale"):
         # w1 and w3 each bring the expert's input scale: keep the larger.
         dst.copy_(torch.maximum(dst, full.reshape(dst.shape)))
     elif role.endswith("weight_scale_inv"):
         _copy_block_scale(layer, dst, full, role, shard_id)
-    elif layer.quant_config.weight_scale == "channel":
+    elif layer.quant_config.weight_scale in ("channel", "group"):
         # Rows scaled like the weight's: w13's cut as its rows, w2's (hidden rows) whole.
         dst.copy_(full) if role.startswith("w2") else \
             _copy_shard(layer, dst, full, "w13_weight", shard_id)
