@@ -359,3 +359,24 @@ def test_bad_inputs_mxfp4_and_grouped_gemm():
     with pytest.raises(RuntimeError, match="w13_zp and w2_zp"):
         fused_moe.fused_experts(x, torch.randn(4, 2 * i, h, dtype=torch.bfloat16),
                                 torch.randn(4, h, i, dtype=torch.bfloat16), tw, ti, w13_zp=zp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["mxfp4", "int4-g64"])
+def test_views_and_e8m0_scales(device, name):
+    """Row-strided packed weights are read in place, scale views copied; e8m0
+    scales as float8_e8m0fnu give the uint8 ones' result."""
+    h, i = DIMS[name]
+    _, w13, w2, kw = layer4(4, h, i, name, device)
+    x = torch.randn(15, h, device=device, dtype=torch.bfloat16)
+    tw, ti = random_routing(15, 4, 2, device=device)
+    expected = fused_moe.fused_experts(x, w13, w2, tw, ti, **kw)
+    wide = torch.zeros(4, 2 * i, w13.shape[2] + 16, dtype=torch.uint8, device=device)
+    wide[..., :w13.shape[2]] = w13
+    s13 = kw["w13_scale"]
+    s13_view = s13.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    views = dict(kw, w13_scale=s13_view)
+    if name == "mxfp4":
+        views["w2_scale"] = kw["w2_scale"].view(torch.float8_e8m0fnu)
+    out = fused_moe.fused_experts(x, wide[..., :w13.shape[2]], w2, tw, ti, **views)
+    assert torch.equal(out, expected)
