@@ -96,3 +96,37 @@ def test_mxfp4_swigluoai_interleaved():
 def test_tensor_parallel_not_supported_yet():
     with pytest.raises(NotImplementedError, match="tensor parallelism"):
         FusedMoE(E, K, H, I, quant_config="mxfp4", tp_size=2, tp_rank=0)
+
+
+def test_gpt_oss_mxfp4_tensors_load_as_they_are():
+    """gpt-oss's *_blocks [E, N, K/32, 16] and e8m0 *_scales, whole-layer, by load_weights."""
+    w13, w2 = float_experts()
+    q13, s13 = quant.quantize_weight(w13, quant.QuantConfig.mxfp4())
+    q2, s2 = quant.quantize_weight(w2, quant.QuantConfig.mxfp4())
+    b13 = torch.randn(E, 2 * I, dtype=torch.bfloat16) * 0.1
+    layer = FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config="mxfp4",
+                     activation="swigluoai", has_bias=True, prefix="mlp.experts")
+    checkpoint = {
+        "mlp.experts.gate_up_proj_blocks": q13.view(E, 2 * I, H // 32, 16),
+        "mlp.experts.gate_up_proj_scales": s13.view(torch.float8_e8m0fnu),
+        "mlp.experts.gate_up_proj_bias": b13,
+        "mlp.experts.down_proj_blocks": q2.view(E, H, I // 32, 16),
+        "mlp.experts.down_proj_scales": s2,
+        "mlp.experts.down_proj_bias": torch.zeros(E, H, dtype=torch.bfloat16),
+    }
+    loaded = layer.load_weights(checkpoint.items())
+    assert {"mlp.experts.w13_weight", "mlp.experts.w13_weight_scale"} <= loaded
+    assert torch.equal(layer.w13_weight, q13) and torch.equal(layer.w2_weight_scale, s2)
+    x = torch.randn(9, H, dtype=torch.bfloat16)
+    logits = torch.randn(9, E)
+    tw, ti = layer.route(x, logits)
+    assert torch.equal(layer(x, logits), fused_moe.fused_experts(
+        x, q13, q2, tw, ti, activation="swigluoai", w13_bias=b13, w13_scale=s13, w2_scale=s2,
+        w2_bias=layer.w2_bias))
+
+
+def test_packed_weight_of_the_wrong_shape_names_it():
+    layer = FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, quant_config="mxfp4")
+    with pytest.raises(ValueError, match=r"gate_up_proj_blocks .*expected \[5, 384, 96\]"):
+        layer.weight_loader(layer.w13_weight, torch.zeros(E, 2 * I, H, dtype=torch.uint8),
+                            "mlp.experts.gate_up_proj_blocks", "w13", None)
