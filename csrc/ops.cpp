@@ -588,7 +588,7 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
   FUSED_MOE_CHECK(!is_act_and_mul || w13.size(1) % 2 == 0, op,
                   ": w13 must have 2 * intermediate_size rows when is_act_and_mul, got shape ",
                   shape_str(w13));
-  if (w4) check_even_k(op, "w2 (intermediate_size)", w2, inter);
+  if (w4) check_even_k(op, "w2 (its intermediate_size)", w2, inter);
   Arg{op, "w2", w2}.expect({w_dtype}, {e_local, h, packed(inter)}, &hidden_states,
                            "hidden_states");
   // Dense copies as locals: the arguments themselves stay as the caller gave them.
@@ -607,7 +607,8 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
     packed4_scales(op, "w2", "w2_scale", "w2_zp", w2_s, w2_z, e_local, h, inter, hidden_states);
   } else {
     FUSED_MOE_CHECK(!w13_z && !w2_z, op, ": w13_zp and w2_zp (zero points) are for 4-bit "
-                    "(uint8) int4 weights; w13 is ", torch::headeronly::toString(w13.scalar_type()));
+                    "(uint8) int4 weights; w13 is ",
+                    torch::headeronly::toString(w13.scalar_type()));
     quant = fused_fp8(op, fp8, w13_s, w2_s, a13_s, a2_s, block_shape, per_act_token_quant,
                       hidden_states, w13, w2);
   }

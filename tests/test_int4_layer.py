@@ -46,7 +46,8 @@ def test_params_have_vllm_names_and_shapes(name):
     config = quant.as_quant_config(name)
     g = config.group_size
     params = dict(layer.named_parameters())
-    assert params["w13_weight"].dtype == torch.uint8 and params["w13_weight"].shape == (E, 2 * i, h // 2)
+    assert params["w13_weight"].dtype == torch.uint8
+    assert params["w13_weight"].shape == (E, 2 * i, h // 2)
     assert params["w2_weight"].shape == (E, h, i // 2)
     assert params["w13_weight_scale"].shape == (E, 2 * i, h // g)
     assert params["w2_weight_scale"].shape == (E, h, i // g)

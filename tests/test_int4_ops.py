@@ -50,7 +50,7 @@ def all_dequantizers(w, scale, zp=None):
 
 
 def every_code(rows, groups):
-    """Packed [1, rows, 16 * groups / 2] whose row r, group g holds the codes 0..15 rotated by r + g."""
+    """Packed [1, rows, 8 * groups], code (k + r) % 16 at row r, column k."""
     k = 16 * groups
     codes = (torch.arange(k)[None, :] + torch.arange(rows)[:, None]) % 16
     return quant.pack_4bit(codes)[None], codes

@@ -211,7 +211,8 @@ _NAMED = {
 def as_quant_config(spec) -> QuantConfig | None:
     """None, a QuantConfig, one of the names "fp8" (= "fp8-block"),
     "fp8-block", "fp8-channel", "fp8-tensor" (dynamic activations), "mxfp4",
-    "int4-g32", "int4-g64", "int4-g128", "int4-g128-asym", or a checkpoint's ``quantization_config`` dict (QuantConfig.from_checkpoint)."""
+    "int4-g32", "int4-g64", "int4-g128", "int4-g128-asym", or a checkpoint's
+    ``quantization_config`` dict (QuantConfig.from_checkpoint)."""
     if spec is None or isinstance(spec, QuantConfig):
         return spec
     if isinstance(spec, str) and spec in _NAMED:
