@@ -380,3 +380,45 @@ def test_views_and_e8m0_scales(device, name):
         views["w2_scale"] = kw["w2_scale"].view(torch.float8_e8m0fnu)
     out = fused_moe.fused_experts(x, wide[..., :w13.shape[2]], w2, tw, ti, **views)
     assert torch.equal(out, expected)
+
+
+# --- GPTQ / AWQ checkpoint layouts -------------------------------------------------------
+
+
+def _words(codes):
+    """codes [R, 8 C] -> int32 [R, C], code 8 c + i in bits 4 i .. 4 i + 3 (two's complement)."""
+    c = codes.long().view(codes.shape[0], -1, 8)
+    word = sum(c[..., i] << (4 * i) for i in range(8))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_repack_gptq(v2):
+    n, k, g = 24, 64, 32
+    codes = torch.randint(0, 16, (k, n))            # GPTQ's [in, out]
+    zeros = torch.randint(1, 15, (k // g, n))
+    scales = torch.rand(k // g, n, dtype=torch.float16) + 0.1
+    qweight = _words(codes.T.contiguous()).T          # packed along K: [K/8, N]
+    qzeros = _words(zeros - (0 if v2 else 1))       # packed along N: [K/g, N/8]
+    packed, s, z = quant.repack_gptq(qweight, scales, qzeros, v2=v2)
+    expected = (codes.double() - zeros.repeat_interleave(g, 0)) \
+        * scales.double().repeat_interleave(g, 0)  # w[k, n] as GPTQ defines it
+    got = reference.dequantize_4bit(packed[None], s[None], z[None])[0]
+    assert torch.equal(got, expected.T)
+    packed, s, z = quant.repack_gptq(qweight, scales)  # symmetric: zero 8
+    assert z is None
+    assert torch.equal(reference.dequantize_4bit(packed[None], s[None])[0],
+                       ((codes.double() - 8) * scales.double().repeat_interleave(g, 0)).T)
+
+
+def test_repack_awq():
+    n, k, g = 24, 64, 32
+    codes = torch.randint(0, 16, (k, n))
+    zeros = torch.randint(0, 16, (k // g, n))
+    scales = torch.rand(k // g, n, dtype=torch.float16) + 0.1
+    order = [0, 2, 4, 6, 1, 3, 5, 7]  # AWQ's packing order within a word
+    awq_order = lambda t: t.view(t.shape[0], -1, 8)[..., order].flatten(-2)  # noqa: E731
+    packed, s, z = quant.repack_awq(_words(awq_order(codes)), scales, _words(awq_order(zeros)))
+    expected = (codes.double() - zeros.repeat_interleave(g, 0)) \
+        * scales.double().repeat_interleave(g, 0)
+    assert torch.equal(reference.dequantize_4bit(packed[None], s[None], z[None])[0], expected.T)

@@ -559,6 +559,50 @@ def dequantize_packed4(q: torch.Tensor, scale: torch.Tensor, zero_point=None,
     return (values * s.repeat_interleave(group, dim=-1)).to(dtype)
 
 
+# AWQ packs the 8 columns of an int32 in the order 0, 2, 4, 6, 1, 3, 5, 7: column j
+# sits in nibble AWQ_REVERSE_ORDER[j].
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def _int32_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """int32 [..., C] -> codes int64 [..., 8 C], nibble i of t[..., c] at 8 c + i."""
+    shifts = torch.arange(0, 32, 4, device=t.device)
+    return ((t.long()[..., None] >> shifts) & 15).flatten(-2)
+
+
+def _zero_points(zeros: torch.Tensor, name: str) -> torch.Tensor:
+    if zeros.min() < 0 or zeros.max() > 15:
+        raise ValueError(f"{name}: zero points must be in [0, 15], got [{zeros.min().item()}, "
+                         f"{zeros.max().item()}]")
+    return zeros.to(torch.uint8)
+
+
+def repack_gptq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None = None,
+                v2: bool = False):
+    """One GPTQ projection (``qweight`` int32 [K/8, N], 8 codes along K a word,
+    k = 8 r + i in nibble i; ``scales`` [K/g, N]; ``qzeros`` int32 [K/g, N/8]
+    along N, stored as zero - 1 unless the checkpoint_format is ``gptq_v2``)
+    -> (packed uint8 [N, K/2], scales [N, K/g], zero points uint8 [N, K/g]
+    or None without qzeros: zero 8, symmetric). Once at load time."""
+    packed = pack_4bit(_int32_nibbles(qweight.mT))
+    if qzeros is None:
+        return packed, scales.mT.contiguous(), None
+    zeros = _int32_nibbles(qzeros) + (0 if v2 else 1)
+    return packed, scales.mT.contiguous(), _zero_points(zeros, "repack_gptq").mT.contiguous()
+
+
+def repack_awq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor):
+    """One AWQ (GEMM) projection (``qweight`` int32 [K, N/8] and ``qzeros``
+    int32 [K/g, N/8], 8 codes along N a word in AWQ's order; ``scales``
+    [K/g, N]) -> (packed uint8 [N, K/2], scales [N, K/g], zero points uint8
+    [N, K/g]). Once at load time."""
+    def columns(t):
+        codes = _int32_nibbles(t)
+        return codes.view(*codes.shape[:-1], -1, 8)[..., list(AWQ_REVERSE_ORDER)].flatten(-2)
+    zeros = _zero_points(columns(qzeros), "repack_awq")
+    return pack_4bit(columns(qweight).mT), scales.mT.contiguous(), zeros.mT.contiguous()
+
+
 def expand_weight_scale(scale: torch.Tensor, shape, block_shape=None) -> torch.Tensor:
     """A weight scale broadcast to every element of weights of ``shape`` [E, N, K]."""
     e, n, k = shape
