@@ -275,20 +275,78 @@ ScaleGrid row_scales(const char* op, const char* name, const Tensor& s, int64_t 
   return g;
 }
 
+constexpr int64_t kMxfp4Group = 32;
+
+bool is_e8m0(ScalarType t) { return t == ScalarType::Byte || t == ScalarType::Float8_e8m0fnu; }
+
+// The scales (and zero points) of a 4-bit weight `w_name` [E, N, K/2], K
+// unpacked: mxfp4 when they are e8m0 exponents (uint8 or float8_e8m0fnu, the
+// same bytes), int4 with group K / scale.size(-1) when they are floats.
+Packed4Scales packed4_scales(const char* op, const char* w_name, const char* s_name,
+                             const char* z_name, const OptTensor& s, const OptTensor& z,
+                             int64_t e, int64_t n, int64_t k, const Tensor& ref) {
+  FUSED_MOE_CHECK(s, op, ": 4-bit (uint8) ", w_name, " needs ", s_name, " (e8m0 exponents [",
+                  e, ", ", n, ", K/32] for mxfp4, or bf16/fp16/fp32 [", e, ", ", n,
+                  ", K/group] for int4)");
+  Arg{op, s_name, *s}.dtype_in({ScalarType::Byte, ScalarType::Float8_e8m0fnu, ScalarType::Float,
+                                ScalarType::BFloat16, ScalarType::Half});
+  Arg{op, s_name, *s}.same_device(ref, w_name);
+  const bool mx = is_e8m0(s->scalar_type());
+  FUSED_MOE_CHECK(s->dim() == 3 && s->size(0) == e && s->size(1) == n && s->size(2) >= 1, op,
+                  ": ", s_name, " must be [", e, ", ", n, ", K/group] for ", w_name,
+                  " of K=", k, " columns, got shape ", shape_str(*s));
+  const int64_t groups = s->size(2);
+  if (mx) {
+    FUSED_MOE_CHECK(groups * kMxfp4Group == k, op, ": ", s_name,
+                    " (e8m0, mxfp4) has one exponent per 32 columns: expected [", e, ", ", n,
+                    ", K/32] with K=", k, " a multiple of 32, got shape ", shape_str(*s));
+    FUSED_MOE_CHECK(!z, op, ": ", z_name, " (zero points) is for int4 weights; ", s_name,
+                    " is e8m0 (mxfp4), which has none");
+  } else {
+    // A group covers whole bytes, so a byte's two codes share scale and zero point.
+    FUSED_MOE_CHECK(k % groups == 0 && (k / groups) % 2 == 0, op, ": ", s_name, " has ", groups,
+                    " groups a row; the group size K/", groups, " must be a whole even number "
+                    "for K=", k);
+  }
+  if (z) Arg{op, z_name, *z}.expect({ScalarType::Byte}, {e, n, groups}, &ref, w_name);
+  Packed4Scales p;
+  p.kind = mx ? Packed4::kMxfp4 : Packed4::kInt4;
+  p.scale = s->data_ptr();
+  p.scale_dtype = mx ? ScalarType::Byte : s->scalar_type();
+  p.zero = ptr<const uint8_t>(z);
+  p.group = k / groups;
+  p.row_stride = groups;
+  p.expert_stride = n * groups;
+  return p;
+}
+
+// K, the unpacked columns of a 4-bit weight: two a byte, so even.
+void check_even_k(const char* op, const char* name, const Tensor& t, int64_t k) {
+  FUSED_MOE_CHECK(k % 2 == 0, op, ": 4-bit (uint8) weights pack two columns a byte, so ", name,
+                  " must have an even number of columns, got shape ", shape_str(t));
+}
+
 }  // namespace
 
 Tensor grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, OptTensor bias, OptTensor a_scale,
-                    OptTensor w_scale, OptInts block_shape, std::optional<ScalarType> out_dtype) {
+                    OptTensor w_scale, OptInts block_shape, std::optional<ScalarType> out_dtype,
+                    OptTensor w_zp) {
   const char* op = "fused_moe.grouped_gemm";
   a = rows_in_place(a);
   w = rows_in_place(w);
   expert_offsets = dense(expert_offsets);
-  for (OptTensor* t : {&bias, &a_scale, &w_scale})
+  for (OptTensor* t : {&bias, &a_scale, &w_scale, &w_zp})
     if (*t) *t = dense(**t);
   const bool fp8 = a.scalar_type() == kFp8;
+  const bool w4 = !fp8 && w.scalar_type() == ScalarType::Byte;
   Arg{op, "a", a}.expect(fp8 ? std::initializer_list<ScalarType>{kFp8} : kFloats, {-1, -1});
   const int64_t rows = a.size(0), k = a.size(1);
-  Arg{op, "w", w}.expect({a.scalar_type()}, {-1, -1, k}, &a, "a");
+  if (w4) {
+    check_even_k(op, "a", a, k);
+    Arg{op, "w", w}.expect({ScalarType::Byte}, {-1, -1, k / 2}, &a, "a");
+  } else {
+    Arg{op, "w", w}.expect({a.scalar_type()}, {-1, -1, k}, &a, "a");
+  }
   const int64_t e = w.size(0), n = w.size(1);
   const ScalarType dtype = fp8 ? out_dtype.value_or(ScalarType::BFloat16) : a.scalar_type();
   FUSED_MOE_CHECK(!out_dtype || *out_dtype == dtype, op, ": out_dtype applies to fp8 inputs; "
@@ -307,10 +365,17 @@ Tensor grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, OptTensor bias, O
     p.fp8 = true;
     p.a_scale = row_scales(op, "a_scale", *a_scale, rows, k, b, a);
     p.w_scale = weight_scales(op, "w_scale", *w_scale, e, n, k, b, a);
+  } else if (w4) {
+    FUSED_MOE_CHECK(!a_scale && !block_shape, op, ": a_scale and block_shape are for "
+                    "float8_e4m3fn a and w; 4-bit (uint8) w is weight-only, a stays ",
+                    torch::headeronly::toString(a.scalar_type()));
+    p.w4 = packed4_scales(op, "w", "w_scale", "w_zp", w_scale, w_zp, e, n, k, a);
   } else {
     FUSED_MOE_CHECK(!a_scale && !w_scale, op, ": a_scale and w_scale are for float8_e4m3fn a "
                     "and w; got ", torch::headeronly::toString(a.scalar_type()), " a");
   }
+  FUSED_MOE_CHECK(!w_zp || w4, op, ": w_zp (zero points) is for 4-bit (uint8) int4 w; got ",
+                  torch::headeronly::toString(w.scalar_type()), " w");
   Arg{op, "expert_offsets", expert_offsets}.values_in(0, rows + 1, /*rising_from_lo=*/true);
   Tensor out = alloc(a, {rows, n}, dtype);
   p.a = a.data_ptr();
@@ -498,10 +563,12 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
                      OptTensor w13_bias, OptTensor w2_bias, OptTensor expert_map,
                      int64_t global_num_experts, bool apply_router_weight_on_input,
                      OptTensor w13_scale, OptTensor w2_scale, OptTensor a13_scale,
-                     OptTensor a2_scale, OptInts block_shape, bool per_act_token_quant) {
+                     OptTensor a2_scale, OptInts block_shape, bool per_act_token_quant,
+                     OptTensor w13_zp, OptTensor w2_zp) {
   const char* op = "fused_moe.fused_experts";
   hidden_states = rows_in_place(hidden_states);
   const bool fp8 = w13.scalar_type() == kFp8;
+  const bool w4 = w13.scalar_type() == ScalarType::Byte;
   w13 = rows_in_place(w13);
   w2 = rows_in_place(w2);
   topk_weights = dense(topk_weights);
@@ -511,20 +578,40 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
   Arg{op, "hidden_states", hidden_states}.expect(kFloats, {-1, -1});
   const int64_t m = hidden_states.size(0), h = hidden_states.size(1);
   const ScalarType dtype = hidden_states.scalar_type();
-  const ScalarType w_dtype = fp8 ? kFp8 : dtype;
-  Arg{op, "w13", w13}.expect({w_dtype}, {-1, -1, h}, &hidden_states, "hidden_states");
+  const ScalarType w_dtype = fp8 ? kFp8 : w4 ? ScalarType::Byte : dtype;
+  if (w4) check_even_k(op, "hidden_states", hidden_states, h);
+  // The weights' last dimension: K, or K/2 bytes when 4-bit.
+  auto packed = [&](int64_t k) { return w4 ? k / 2 : k; };
+  Arg{op, "w13", w13}.expect({w_dtype}, {-1, -1, packed(h)}, &hidden_states, "hidden_states");
   const int64_t e_local = w13.size(0);
   const int64_t inter = is_act_and_mul ? w13.size(1) / 2 : w13.size(1);
   FUSED_MOE_CHECK(!is_act_and_mul || w13.size(1) % 2 == 0, op,
                   ": w13 must have 2 * intermediate_size rows when is_act_and_mul, got shape ",
                   shape_str(w13));
-  Arg{op, "w2", w2}.expect({w_dtype}, {e_local, h, inter}, &hidden_states, "hidden_states");
+  if (w4) check_even_k(op, "w2 (its intermediate_size)", w2, inter);
+  Arg{op, "w2", w2}.expect({w_dtype}, {e_local, h, packed(inter)}, &hidden_states,
+                           "hidden_states");
   // Dense copies as locals: the arguments themselves stay as the caller gave them.
   auto dense_opt = [](const OptTensor& t) { return t ? OptTensor(dense(*t)) : OptTensor(); };
   const OptTensor w13_s = dense_opt(w13_scale), w2_s = dense_opt(w2_scale);
   const OptTensor a13_s = dense_opt(a13_scale), a2_s = dense_opt(a2_scale);
-  const FusedFp8 quant = fused_fp8(op, fp8, w13_s, w2_s, a13_s, a2_s, block_shape,
-                                   per_act_token_quant, hidden_states, w13, w2);
+  const OptTensor w13_z = dense_opt(w13_zp), w2_z = dense_opt(w2_zp);
+  FusedFp8 quant;
+  if (w4) {
+    FUSED_MOE_CHECK(!a13_s && !a2_s && !block_shape && !per_act_token_quant, op,
+                    ": a13_scale, a2_scale, block_shape and per_act_token_quant are for "
+                    "float8_e4m3fn weights; 4-bit (uint8) weights are weight-only, activations "
+                    "stay ", torch::headeronly::toString(dtype));
+    packed4_scales(op, "w13", "w13_scale", "w13_zp", w13_s, w13_z, e_local, w13.size(1), h,
+                   hidden_states);
+    packed4_scales(op, "w2", "w2_scale", "w2_zp", w2_s, w2_z, e_local, h, inter, hidden_states);
+  } else {
+    FUSED_MOE_CHECK(!w13_z && !w2_z, op, ": w13_zp and w2_zp (zero points) are for 4-bit "
+                    "(uint8) int4 weights; w13 is ",
+                    torch::headeronly::toString(w13.scalar_type()));
+    quant = fused_fp8(op, fp8, w13_s, w2_s, a13_s, a2_s, block_shape, per_act_token_quant,
+                      hidden_states, w13, w2);
+  }
   // Checked in full here (the ops below check them again) because the decode
   // path reads them directly.
   Arg{op, "topk_weights", topk_weights}.expect({ScalarType::Float}, {m, -1}, &hidden_states,
@@ -548,7 +635,9 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
   FUSED_MOE_CHECK(!apply_router_weight_on_input || topk_ids.size(1) == 1, op,
                   ": apply_router_weight_on_input needs topk == 1, got topk=", topk_ids.size(1));
   const Activation activation_kind = parse_activation(op, activation_name, is_act_and_mul);
-  if (m > 0 && (hidden_states.is_cuda() || !fp8)) {
+  // 4-bit weights (and FP8 on the CPU) take the composed chain: its grouped
+  // GEMMs dequantize one expert at a time.
+  if (m > 0 && !w4 && (hidden_states.is_cuda() || !fp8)) {
     DecodeParams p;
     p.x = hidden_states.data_ptr();
     p.x_stride = hidden_states.stride(0);
@@ -609,15 +698,16 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
   (apply_router_weight_on_input ? on_input : on_output) = topk_weights;
   auto [rows, offsets, inv] = permute(hidden_states, topk_ids, e_local, expert_map, on_input);
   // FP8: each GEMM's input quantized as the scheme says (a no-op otherwise).
+  // 4-bit weights: their scales and zero points (none for float weights).
   auto gemm = [&](const Tensor& x, const Tensor& w, const OptTensor& w_scale,
-                  const OptTensor& static_scale, const OptTensor& bias) {
-    if (!fp8) return grouped_gemm(x, w, offsets, bias, {}, {}, {}, {});
+                  const OptTensor& w_zp, const OptTensor& static_scale, const OptTensor& bias) {
+    if (!fp8) return grouped_gemm(x, w, offsets, bias, {}, w_scale, {}, {}, w_zp);
     auto [q, scales] = quantize_fp8(x, quant.group_size, static_scale);
-    return grouped_gemm(q, w, offsets, bias, scales, w_scale, block_shape, dtype);
+    return grouped_gemm(q, w, offsets, bias, scales, w_scale, block_shape, dtype, {});
   };
-  Tensor h13 = gemm(rows, w13, w13_s, a13_s, w13_bias);
+  Tensor h13 = gemm(rows, w13, w13_s, w13_z, a13_s, w13_bias);
   Tensor act = activation(h13, activation_name, is_act_and_mul);
-  Tensor y = gemm(act, w2, w2_s, a2_s, w2_bias);
+  Tensor y = gemm(act, w2, w2_s, w2_z, a2_s, w2_bias);
   return unpermute(y, inv, on_output);
 }
 

@@ -27,7 +27,8 @@ std::tuple<Tensor, Tensor, Tensor> permute(Tensor hidden_states, Tensor topk_ids
                                            OptTensor row_weights);
 
 Tensor grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, OptTensor bias, OptTensor a_scale,
-                    OptTensor w_scale, OptInts block_shape, std::optional<ScalarType> out_dtype);
+                    OptTensor w_scale, OptInts block_shape, std::optional<ScalarType> out_dtype,
+                    OptTensor w_zp);
 
 std::tuple<Tensor, Tensor> quantize_fp8(Tensor x, int64_t group_size, OptTensor scale);
 
@@ -40,6 +41,6 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
                      OptTensor expert_map, int64_t global_num_experts,
                      bool apply_router_weight_on_input, OptTensor w13_scale, OptTensor w2_scale,
                      OptTensor a13_scale, OptTensor a2_scale, OptInts block_shape,
-                     bool per_act_token_quant);
+                     bool per_act_token_quant, OptTensor w13_zp, OptTensor w2_zp);
 
 }  // namespace fused_moe

@@ -19,9 +19,11 @@ STABLE_TORCH_LIBRARY(fused_moe, m) {
         "Tensor? expert_map, Tensor? row_weights) -> (Tensor, Tensor, Tensor)");
   // out[r] = w[e] @ a[r] (+ bias[e]) for the rows of expert e; rows past the last offset are 0.
   // FP8 a and w: a = q * a_scale, w = q * w_scale (block, channel or tensor scales).
+  // 4-bit w (uint8 [E, N, K/2]): mxfp4 with uint8/e8m0 w_scale, int4 with float
+  // w_scale [E, N, K/g] and optional uint8 zero points w_zp of its shape.
   m.def("grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets, Tensor? bias, "
         "Tensor? a_scale=None, Tensor? w_scale=None, int[]? block_shape=None, "
-        "ScalarType? out_dtype=None) -> Tensor");
+        "ScalarType? out_dtype=None, Tensor? w_zp=None) -> Tensor");
   // Rows -> (fp8 e4m3fn, f32 scales): per row per group_size columns (> 0), per row (0),
   // per tensor (-1), or the static scale given.
   m.def("quantize_fp8(Tensor x, int group_size, Tensor? scale=None) -> (Tensor, Tensor)");
@@ -35,7 +37,7 @@ STABLE_TORCH_LIBRARY(fused_moe, m) {
         "Tensor? w2_bias, Tensor? expert_map, int global_num_experts, "
         "bool apply_router_weight_on_input, Tensor? w13_scale=None, Tensor? w2_scale=None, "
         "Tensor? a13_scale=None, Tensor? a2_scale=None, int[]? block_shape=None, "
-        "bool per_act_token_quant=False) -> Tensor");
+        "bool per_act_token_quant=False, Tensor? w13_zp=None, Tensor? w2_zp=None) -> Tensor");
 }
 
 #define FUSED_MOE_IMPLS(m)                                          \

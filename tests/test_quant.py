@@ -155,14 +155,16 @@ def test_from_checkpoint(name):
 
 
 NOT_SUPPORTED = [
-    ({"quant_method": "mxfp4"}, r"quant_method='mxfp4' is not supported yet"),
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, r"quant_method='gptq' is not "
-                                                             r"supported yet"),
-    ({"quant_method": "awq", "bits": 4}, r"quant_method='awq' is not supported yet"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True},
+     r"desc_act=True .*g_idx"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, r"gptq bits=8 is not supported"),
+    ({"quant_method": "awq", "bits": 3}, r"awq bits=3 is not supported"),
     ({"quant_method": "bitsandbytes"}, r"quant_method='bitsandbytes' is not supported yet"),
     ({**DEEPSEEK_V3, "fmt": "e5m2"}, r"fmt='e5m2': only the e4m3"),
     (compressed_tensors(ct_weights("group", group_size=128, type="int", num_bits=4), None),
-     r"type='int' num_bits=4 is not supported yet"),
+     r"int4 weights in format 'float-quantized' are not supported"),
+    (compressed_tensors(ct_weights("group", group_size=128, type="int", num_bits=8), None),
+     r"type='int' num_bits=8 is not supported yet"),
     (compressed_tensors(ct_weights("channel"), None), r"weight-only FP8 is not supported yet"),
     (compressed_tensors(ct_weights("group", group_size=128), ct_activations("token")),
      r"strategy='group' is not supported yet"),

@@ -1,5 +1,6 @@
 // FP8 (e4m3fn) elements on the CPU: conversions, and the dequantization
-// through which the CPU's FP8 GEMMs reach the float tile kernels.
+// through which the CPU's quantized GEMMs (FP8, and 4-bit weights) reach the
+// float tile kernels.
 #pragma once
 
 #include <array>
@@ -26,5 +27,11 @@ inline float fp8_to_float(uint8_t v) {
 // out[r][c] = q[r * ld + c] * s.at(expert, first_row + r, c) for r < rows, c < cols.
 void dequantize_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols, const ScaleGrid& s,
                      int64_t expert, int64_t first_row, float* out);
+
+// The same for rows of 4-bit weights, q [rows, cols/2] bytes (ld bytes apart):
+// out[r][c] = s.value(expert, first_row + r, c, code of c).
+void dequantize_packed4_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols,
+                             const Packed4Scales& s, int64_t expert, int64_t first_row,
+                             float* out);
 
 }  // namespace fused_moe::cpu

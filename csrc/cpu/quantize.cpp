@@ -1,5 +1,5 @@
 // FP8 (e4m3fn) quantization of rows on the CPU, and the dequantization the
-// CPU's FP8 GEMMs read through (cpu/fp8.h).
+// CPU's quantized GEMMs read through (cpu/fp8.h): FP8 rows, 4-bit weights.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -77,6 +77,26 @@ void dequantize_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols, c
       const float scale = s.at(expert, first_row + r, c0);
       const int64_t end = std::min(cols, c0 + s.cols_per);
       for (int64_t c = c0; c < end; ++c) dst[c] = fp8_to_float(row[c]) * scale;
+    }
+  }
+}
+
+void dequantize_packed4_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols,
+                             const Packed4Scales& s, int64_t expert, int64_t first_row,
+                             float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = q + r * ld;
+    float* dst = out + r * cols;
+    for (int64_t c0 = 0; c0 < cols; c0 += s.group) {
+      // A group shares its scale and zero point: the 16 values of its codes, once.
+      float values[16];
+      for (int code = 0; code < 16; ++code) values[code] = s.value(expert, first_row + r, c0, code);
+      const int64_t end = std::min(cols, c0 + s.group);
+      for (int64_t c = c0; c < end; c += 2) {
+        const uint8_t byte = row[c / 2];
+        dst[c] = values[byte & 0xF];
+        dst[c + 1] = values[byte >> 4];
+      }
     }
   }
 }

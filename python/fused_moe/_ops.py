@@ -51,6 +51,7 @@ def grouped_gemm(
     w_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | list[int] | None = None,
     out_dtype: torch.dtype | None = None,
+    w_zp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[r] = w[e] @ a[r] (+ bias[e]) for rows r of expert e; w is [E, N, K].
 
@@ -59,9 +60,15 @@ def grouped_gemm(
     w = q * w_scale with w_scale [E, ceil(N/bn), ceil(K/bk)] when block_shape
     = (bn, bk), else [E, N] (per channel) or [E] (per tensor). ``out_dtype``
     (default bfloat16) is the output's; bias is in it.
+
+    4-bit w (uint8 [E, N, K/2], two codes a byte, the even k in the low
+    nibble; a bf16/fp16/fp32 [R, K]): mxfp4 when w_scale is e8m0 (uint8 or
+    float8_e8m0fnu) [E, N, K/32], w = e2m1(code) * 2^(s - 127); int4 when
+    w_scale is bf16/fp16/fp32 [E, N, K/g], w = (code - zero) * s, zero from
+    ``w_zp`` (uint8 [E, N, K/g]) or 8. See ``fused_moe.quant``.
     """
     return _ops.grouped_gemm(a, w, expert_offsets, bias, a_scale, w_scale,
-                             None if block_shape is None else list(block_shape), out_dtype)
+                             None if block_shape is None else list(block_shape), out_dtype, w_zp)
 
 
 def quantize_fp8(
@@ -110,7 +117,7 @@ def _permute_fake(hidden_states, topk_ids, num_local_experts, expert_map, row_we
 
 @torch.library.register_fake("fused_moe::grouped_gemm")
 def _grouped_gemm_fake(a, w, expert_offsets, bias, a_scale=None, w_scale=None, block_shape=None,
-                       out_dtype=None):
+                       out_dtype=None, w_zp=None):
     if a.dtype == torch.float8_e4m3fn:
         dtype = out_dtype or torch.bfloat16
     else:

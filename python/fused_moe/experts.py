@@ -29,6 +29,8 @@ def fused_experts(
     a2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | list[int] | None = None,
     per_act_token_quant: bool = False,
+    w13_zp: torch.Tensor | None = None,
+    w2_zp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] * (W2_e act(W13_e x_t + b13_e) + b2_e)``, e = topk_ids[t,k].
 
@@ -46,10 +48,16 @@ def fused_experts(
     quantized per token per bk columns; else per channel [E, N] or per tensor
     [E], activations quantized per token (``per_act_token_quant``), with the
     static scales ``a13_scale``/``a2_scale`` (one element each), or per tensor.
+
+    4-bit experts (weight-only; w13 uint8 [E, 2I, H/2], w2 uint8 [E, H, I/2],
+    activations in x's dtype): mxfp4 with e8m0 ``w13_scale``/``w2_scale``
+    [E, N, K/32], int4 with bf16/fp16/fp32 scales [E, N, K/g] and, for
+    asymmetric groups, uint8 zero points ``w13_zp``/``w2_zp`` of the scales'
+    shape (see ``grouped_gemm``).
     """
     return torch.ops.fused_moe.fused_experts(
         hidden_states, w13, w2, topk_weights, topk_ids, activation, is_act_and_mul,
         w13_bias, w2_bias, expert_map,
         -1 if global_num_experts is None else global_num_experts,
         apply_router_weight_on_input, w13_scale, w2_scale, a13_scale, a2_scale,
-        None if block_shape is None else list(block_shape), per_act_token_quant)
+        None if block_shape is None else list(block_shape), per_act_token_quant, w13_zp, w2_zp)

@@ -77,7 +77,15 @@ class FusedMoE(torch.nn.Module):
     - static activations: ``w13_input_scale`` [E], ``w2_input_scale`` [E];
       the forward uses the largest of each.
 
-    A float checkpoint loads into an FP8 layer quantized (online
+    4-bit experts (``quant_config`` "mxfp4", "int4-g32/g64/g128",
+    "int4-g128-asym", a 4-bit QuantConfig or checkpoint config; tp_size 1):
+    ``w13_weight`` uint8 [E, 2I, H/2], ``w2_weight`` uint8 [E, H, I/2] (two
+    codes a byte), ``w13_weight_scale`` [E, 2I, H/g], ``w2_weight_scale``
+    [E, H, I/g] (e8m0 uint8 for mxfp4, params_dtype for int4) and, for
+    asymmetric int4, ``w13_weight_zero_point``/``w2_weight_zero_point`` (uint8,
+    the scales' shapes).
+
+    A float checkpoint loads into an FP8 or 4-bit layer quantized (online
     quantization). ``process_weights_after_loading`` turns the scales into
     what the kernels take, once; the first forward calls it if loading did not.
     """
@@ -144,7 +152,8 @@ class FusedMoE(torch.nn.Module):
         self.quant_config = as_quant_config(quant_config)
         self._init_parallel(tp_size, tp_rank, ep_size, ep_rank, process_group, reduce_results)
         self._init_experts(expert_placement_strategy, enable_eplb, num_redundant_experts, device)
-        self._init_params(params_dtype or torch.get_default_dtype(), has_bias, device)
+        self.params_dtype = params_dtype or torch.get_default_dtype()  # int4 scales' too
+        self._init_params(self.params_dtype, has_bias, device)
         self._init_scales(device)
 
     def _init_parallel(self, tp_size, tp_rank, ep_size, ep_rank, process_group, reduce_results):
@@ -193,8 +202,13 @@ class FusedMoE(torch.nn.Module):
         rows = 2 * inter if self.is_act_and_mul else inter
         e, h = self.local_num_experts, self.hidden_size
         weight_dtype = dtype if self.quant_config is None else FP8_DTYPE
-        self.w13_weight = self._param(torch.empty(e, rows, h, dtype=weight_dtype, device=device))
-        self.w2_weight = self._param(torch.empty(e, h, inter, dtype=weight_dtype, device=device))
+        packed = 1
+        if self.quant_config is not None and self.quant_config.packed4:
+            weight_dtype, packed = torch.uint8, 2  # two 4-bit codes a byte along K
+        self.w13_weight = self._param(torch.empty(e, rows, h // packed, dtype=weight_dtype,
+                                                  device=device))
+        self.w2_weight = self._param(torch.empty(e, h, inter // packed, dtype=weight_dtype,
+                                                 device=device))
         # Biases start at zero: TP ranks other than 0 keep w2_bias at zero.
         self.w13_bias = self._param(torch.zeros(e, rows, dtype=dtype, device=device)) \
             if has_bias else None
@@ -209,6 +223,9 @@ class FusedMoE(torch.nn.Module):
         self.block_shape = None
         self._op_scales = None  # the kernels' form of the scales, made after loading
         if config is None:
+            return
+        if config.packed4:
+            self._init_packed4_scales(device)
             return
         e, h = self.local_num_experts, self.hidden_size
         rows, inter = self.w13_weight.shape[1], self.w2_weight.shape[2]
@@ -227,6 +244,29 @@ class FusedMoE(torch.nn.Module):
         for name in ("w13_input_scale", "w2_input_scale"):
             setattr(self, name, self._param(torch.zeros(e, device=device))
                     if config.static_activations else None)
+
+    def _init_packed4_scales(self, device):
+        """4-bit weights' scales (e8m0 bytes for mxfp4, params_dtype for int4;
+        1.0 to start) and, for asymmetric int4, zero points (8 to start),
+        [E, N, K/group] each, with vLLM's names."""
+        config = self.quant_config
+        if self.tp_size > 1:
+            raise NotImplementedError("FusedMoE: 4-bit weights under tensor parallelism are not "
+                                      "supported yet (tp_size=1, with expert parallelism, is)")
+        e, h = self.local_num_experts, self.hidden_size
+        rows, inter = self.w13_weight.shape[1], self.intermediate_size
+        mx = config.weight_dtype == "mxfp4"
+        dtype = torch.uint8 if mx else self.params_dtype
+        one = 127 if mx else 1.0  # 2^(127 - 127)
+        for prefix, n, k in (("w13", rows, h), ("w2", h, inter)):
+            shape = config.weight_scale_shape(e, n, k)
+            setattr(self, f"{prefix}_weight_scale",
+                    self._param(torch.full(shape, one, dtype=dtype, device=device)))
+            setattr(self, f"{prefix}_weight_zero_point", self._param(
+                torch.full(shape, 8, dtype=torch.uint8, device=device))
+                if config.zero_point else None)
+        for name in ("w13_input_scale", "w2_input_scale"):
+            setattr(self, name, None)
 
     def _param(self, data):
         param = torch.nn.Parameter(data, requires_grad=False)
@@ -289,6 +329,11 @@ class FusedMoE(torch.nn.Module):
         Loading anything afterwards, or moving the layer, makes it again."""
         config = self.quant_config
         if config is None:
+            return
+        if config.packed4:
+            self._op_scales = {
+                "w13_scale": self.w13_weight_scale, "w2_scale": self.w2_weight_scale,
+                "w13_zp": self.w13_weight_zero_point, "w2_zp": self.w2_weight_zero_point}
             return
         with torch.no_grad():
             scales = {"block_shape": self.block_shape,

@@ -19,6 +19,20 @@ Every scale is ``max(amax, SCALE_EPS) / FP8_MAX`` of the values it covers and
 :meth:`QuantConfig.from_checkpoint` reads the ``quantization_config`` of a
 checkpoint's config.json: ``fp8`` (DeepSeek-V3/R1, Qwen3-FP8, AutoFP8),
 ``compressed-tensors`` (float 8-bit weights), ``fbgemm_fp8`` and ModelOpt FP8.
+
+4-bit weights are weight-only (activations stay bf16/fp16/fp32): packed two
+codes a byte along K (uint8 [E, N, K/2], the even k in the low nibble), one
+scale per ``group_size`` columns of a row ([E, N, K/group]):
+
+=======  ======================================  ===============================
+scheme   scales                                  value of code c
+=======  ======================================  ===============================
+mxfp4    uint8 e8m0 exponents s, group 32        e2m1(c) * 2^(s - 127)
+int4     bf16/fp16/fp32 s (+ uint8 zero points)  (c - zero) * s, zero 8 if none
+=======  ======================================  ===============================
+
+mxfp4 (gpt-oss, OCP MX) checkpoints come from ``quant_method: mxfp4``; int4
+from ``gptq``, ``awq`` and compressed-tensors ``pack-quantized``.
 """
 
 from __future__ import annotations
@@ -33,6 +47,9 @@ FP8_MAX = 448.0
 SCALE_EPS = 1e-10  # the amax floor: an all-zero block gets a tiny scale, not 0
 WEIGHT_SCALES = ("block", "channel", "tensor")
 ACTIVATION_SCHEMES = ("dynamic", "static")
+WEIGHT_DTYPES = ("fp8", "mxfp4", "int4")
+MXFP4_GROUP = 32
+E8M0_DTYPES = (torch.uint8, torch.float8_e8m0fnu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +62,31 @@ class QuantConfig:
     per_act_token_quant: dynamic activations get one scale per token
     (channel scheme) rather than one per tensor. Block scales quantize
     activations per token per bk columns whatever this says.
+
+    weight_dtype "mxfp4" or "int4": 4-bit weight-only (``QuantConfig.mxfp4()``,
+    ``QuantConfig.int4(group_size, symmetric)``): weight_scale "group",
+    activation_scheme "none", ``group_size`` columns a scale (None: a whole
+    row), ``zero_point`` for asymmetric int4.
     """
 
     weight_scale: str = "block"
     block_shape: tuple[int, int] | None = (128, 128)
     activation_scheme: str = "dynamic"
     per_act_token_quant: bool = False
+    weight_dtype: str = "fp8"
+    group_size: int | None = None
+    zero_point: bool = False
 
     def __post_init__(self):
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"QuantConfig: weight_dtype must be one of {WEIGHT_DTYPES}, got "
+                             f"{self.weight_dtype!r}")
+        if self.packed4:
+            self._check_packed4()
+            return
+        if self.group_size is not None or self.zero_point:
+            raise ValueError("QuantConfig: group_size and zero_point are for 4-bit weights; got "
+                             f"weight_dtype={self.weight_dtype!r}")
         if self.weight_scale not in WEIGHT_SCALES:
             raise ValueError(f"QuantConfig: weight_scale must be one of {WEIGHT_SCALES}, "
                              f"got {self.weight_scale!r}")
@@ -71,6 +105,35 @@ class QuantConfig:
         elif self.block_shape is not None:
             object.__setattr__(self, "block_shape", None)
 
+    def _check_packed4(self):
+        expected = ("group", None, "none", False)
+        got = (self.weight_scale, self.block_shape, self.activation_scheme,
+               self.per_act_token_quant)
+        if got != expected:
+            raise ValueError(f"QuantConfig: {self.weight_dtype} weights are weight-only with group "
+                             "scales: expected (weight_scale, block_shape, activation_scheme, "
+                             f"per_act_token_quant) = {expected}, got {got}")
+        g = self.group_size
+        if self.weight_dtype == "mxfp4" and (g != MXFP4_GROUP or self.zero_point):
+            raise ValueError(f"QuantConfig: mxfp4 has group_size {MXFP4_GROUP} and no zero "
+                             f"points, got group_size={g!r}, zero_point={self.zero_point}")
+        if g is not None and (not isinstance(g, int) or g < 2 or g % 2):
+            raise ValueError(f"QuantConfig: int4 group_size must be a positive even int or None "
+                             f"(a whole row), got {g!r}")
+
+    @classmethod
+    def mxfp4(cls) -> QuantConfig:
+        return cls("group", None, "none", False, "mxfp4", MXFP4_GROUP)
+
+    @classmethod
+    def int4(cls, group_size: int | None = 128, symmetric: bool = True) -> QuantConfig:
+        return cls("group", None, "none", False, "int4", group_size, not symmetric)
+
+    @property
+    def packed4(self) -> bool:
+        """4-bit weights, two a byte (mxfp4 or int4)."""
+        return self.weight_dtype in ("mxfp4", "int4")
+
     @classmethod
     def fp8_block(cls, block_shape=(128, 128)) -> QuantConfig:
         return cls("block", tuple(block_shape))
@@ -88,7 +151,7 @@ class QuantConfig:
         """The scheme of a checkpoint's ``quantization_config`` (config.json).
 
         Raises NotImplementedError for a method or format that is known but
-        not supported (mxfp4, gptq, awq, e5m2, ...), ValueError for a config
+        not supported (gptq with desc_act, e5m2, ...), ValueError for a config
         that is not one."""
         if not isinstance(quantization_config, dict):
             raise ValueError(f"quantization_config must be a dict, got "
@@ -106,16 +169,29 @@ class QuantConfig:
 
     def kernel_kwargs(self) -> dict:
         """The scheme's keyword arguments of fused_experts (scales apart)."""
+        if self.packed4:
+            return {}
         return {"block_shape": self.block_shape, "per_act_token_quant": self.per_act_token_quant}
 
     def weight_scale_shape(self, num_experts: int, n: int, k: int) -> tuple[int, ...]:
-        """The fp32 scale tensor's shape for weights [num_experts, n, k]."""
+        """The scale tensor's shape for weights [num_experts, n, k] (k unpacked
+        for 4-bit weights)."""
+        if self.packed4:
+            return (num_experts, n, k // self.group_of(k))
         if self.weight_scale == "block":
             bn, bk = self.block_shape
             return (num_experts, math.ceil(n / bn), math.ceil(k / bk))
         if self.weight_scale == "channel":
             return (num_experts, n)
         return (num_experts,)
+
+    def group_of(self, k: int) -> int:
+        """Columns a scale for 4-bit weights of k columns; k must be a multiple."""
+        group = self.group_size or k
+        if k % group:
+            raise ValueError(f"QuantConfig: K={k} is not a multiple of the {self.weight_dtype} "
+                             f"group size {group}")
+        return group
 
 
 # Names accepted for quant_config= where a QuantConfig is expected.
@@ -124,13 +200,19 @@ _NAMED = {
     "fp8-block": QuantConfig.fp8_block,
     "fp8-channel": QuantConfig.fp8_channel,
     "fp8-tensor": lambda: QuantConfig.fp8_tensor("dynamic"),
+    "mxfp4": QuantConfig.mxfp4,
+    "int4-g32": lambda: QuantConfig.int4(32),
+    "int4-g64": lambda: QuantConfig.int4(64),
+    "int4-g128": lambda: QuantConfig.int4(128),
+    "int4-g128-asym": lambda: QuantConfig.int4(128, symmetric=False),
 }
 
 
 def as_quant_config(spec) -> QuantConfig | None:
     """None, a QuantConfig, one of the names "fp8" (= "fp8-block"),
-    "fp8-block", "fp8-channel", "fp8-tensor" (dynamic activations), or a
-    checkpoint's ``quantization_config`` dict (QuantConfig.from_checkpoint)."""
+    "fp8-block", "fp8-channel", "fp8-tensor" (dynamic activations), "mxfp4",
+    "int4-g32", "int4-g64", "int4-g128", "int4-g128-asym", or a checkpoint's
+    ``quantization_config`` dict (QuantConfig.from_checkpoint)."""
     if spec is None or isinstance(spec, QuantConfig):
         return spec
     if isinstance(spec, str) and spec in _NAMED:
@@ -172,7 +254,8 @@ def _compressed_tensors_config(config: dict) -> QuantConfig:
     if not isinstance(groups, dict) or not groups:
         raise ValueError("quantization_config: compressed-tensors needs config_groups, got "
                          f"{groups!r}")
-    schemes = {_compressed_tensors_group(name, group) for name, group in groups.items()}
+    fmt = config.get("format")
+    schemes = {_compressed_tensors_group(name, group, fmt) for name, group in groups.items()}
     if len(schemes) > 1:
         raise NotImplementedError(f"quantization_config: config_groups {sorted(groups)} give "
                                   f"different schemes {sorted(map(str, schemes))}: one scheme "
@@ -180,9 +263,11 @@ def _compressed_tensors_config(config: dict) -> QuantConfig:
     return schemes.pop()
 
 
-def _compressed_tensors_group(name: str, group: dict) -> QuantConfig:
+def _compressed_tensors_group(name: str, group: dict, fmt) -> QuantConfig:
     weights = group.get("weights") or {}
     kind, bits = weights.get("type"), weights.get("num_bits")
+    if (kind, bits) == ("int", 4):
+        return _compressed_tensors_int4(name, group, weights, fmt)
     if (kind, bits) != ("float", 8):
         raise NotImplementedError(f"quantization_config: config_groups.{name}.weights type="
                                   f"{kind!r} num_bits={bits!r} is not supported yet (expected "
@@ -213,6 +298,73 @@ def _compressed_tensors_group(name: str, group: dict) -> QuantConfig:
                        act_strategy == "token")
 
 
+def _compressed_tensors_int4(name: str, group: dict, weights: dict, fmt) -> QuantConfig:
+    """compressed-tensors int 4-bit weights in the ``pack-quantized`` format,
+    per ``group`` (group_size) or per ``channel``; activations unquantized."""
+    where = f"config_groups.{name}"
+    fmt = group.get("format", fmt)
+    if fmt != "pack-quantized":
+        raise NotImplementedError(f"quantization_config: {where} int4 weights in format {fmt!r} "
+                                  "are not supported (expected 'pack-quantized')")
+    if group.get("input_activations") is not None:
+        raise NotImplementedError(f"quantization_config: {where} int4 weights with quantized "
+                                  "input_activations (W4A8) are not supported yet")
+    strategy = weights.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise NotImplementedError(f"quantization_config: {where}.weights strategy={strategy!r} "
+                                  "is not supported for int4 (expected group or channel)")
+    if weights.get("actorder") not in (None, False, "static"):
+        raise NotImplementedError(f"quantization_config: {where}.weights actorder="
+                                  f"{weights.get('actorder')!r} (activation order, g_idx) is not "
+                                  "supported yet")
+    size = weights.get("group_size") if strategy == "group" else None
+    return QuantConfig.int4(_group_size(size, f"{where}.weights.group_size"),
+                            bool(weights.get("symmetric", True)))
+
+
+def _mxfp4_config(config: dict) -> QuantConfig:
+    """``quant_method: mxfp4`` (gpt-oss): e2m1 weights, e8m0 scales per 32."""
+    return QuantConfig.mxfp4()
+
+
+def _bits4(config: dict, key: str, method: str):
+    bits = config.get(key, 4)
+    if bits != 4:
+        raise NotImplementedError(f"quantization_config: {method} {key}={bits!r} is not "
+                                  "supported (expected 4)")
+
+
+def _group_size(size, key):
+    """A checkpoint's group size: a positive even int, or -1/None for a whole row."""
+    if size in (None, -1):
+        return None
+    if not isinstance(size, int) or size < 2 or size % 2:
+        raise ValueError(f"quantization_config: {key}={size!r}, expected a positive even int "
+                         "or -1 (one group a row)")
+    return size
+
+
+def _gptq_config(config: dict) -> QuantConfig:
+    """``quant_method: gptq``: 4-bit int weights per ``group_size``, ``sym``
+    (zero point 8) or not (zero points); activation order is not supported."""
+    _bits4(config, "bits", "gptq")
+    if config.get("desc_act"):
+        raise NotImplementedError("quantization_config: gptq desc_act=True (activation order: "
+                                  "a g_idx permutation of the groups) is not supported yet")
+    return QuantConfig.int4(_group_size(config.get("group_size", 128), "group_size"),
+                            bool(config.get("sym", True)))
+
+
+def _awq_config(config: dict) -> QuantConfig:
+    """``quant_method: awq``: 4-bit int weights per ``group_size``, with zero
+    points unless ``zero_point`` is false."""
+    bits_key = "w_bit" if "w_bit" in config else "bits"
+    _bits4(config, bits_key, "awq")
+    size = config.get("group_size", config.get("q_group_size", 128))
+    return QuantConfig.int4(_group_size(size, "group_size"),
+                            symmetric=not config.get("zero_point", True))
+
+
 def _fbgemm_fp8_config(config: dict) -> QuantConfig:
     """``quant_method: fbgemm_fp8``: per-channel weights, activations per
     token. Its ``activation_scale_ub`` (an upper bound on activation amax)
@@ -235,6 +387,9 @@ _CHECKPOINT_METHODS = {
     "compressed-tensors": _compressed_tensors_config,
     "fbgemm_fp8": _fbgemm_fp8_config,
     "modelopt": _modelopt_config,
+    "mxfp4": _mxfp4_config,
+    "gptq": _gptq_config,
+    "awq": _awq_config,
 }
 
 
@@ -264,9 +419,15 @@ def _saturate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_weight(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [E, N, K] (any float dtype) -> (fp8 [E, N, K], fp32 scales of
     config.weight_scale_shape). Partial last blocks take the amax of what they
-    hold. One expert at a time, so the float temporaries stay one expert's size."""
+    hold. One expert at a time, so the float temporaries stay one expert's size.
+
+    4-bit configs return (packed uint8 [E, N, K/2], scales [E, N, K/group])
+    and, with zero points, their uint8 [E, N, K/group] third; see
+    ``_mxfp4_codes`` and ``_int4_codes`` for the rounding."""
     if w.dim() != 3:
         raise ValueError(f"quantize_weight: w must be [E, N, K], got shape {tuple(w.shape)}")
+    if config.packed4:
+        return _quantize_packed4(w, config)
     q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty(config.weight_scale_shape(*w.shape), dtype=torch.float32, device=w.device)
     for e in range(w.shape[0]):
@@ -290,6 +451,158 @@ def _quantize_expert(x: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor
     return _saturate(x, full), scale
 
 
+# e2m1 magnitudes by code (bit 3 is the sign), and the midpoints between them.
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+E2M1_MAX = 6.0
+INT4_SYMMETRIC_ZERO = 8
+
+
+def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [..., K] -> uint8 [..., K/2], the even k in the low nibble."""
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] -> codes uint8 [..., K]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+def _quantize_packed4(w: torch.Tensor, config: QuantConfig):
+    e, n, k = w.shape
+    if k % 2:
+        raise ValueError(f"quantize_weight: 4-bit weights need an even K, got shape "
+                         f"{tuple(w.shape)}")
+    group = config.group_of(k)
+    mx = config.weight_dtype == "mxfp4"
+    scale_dtype = torch.uint8 if mx else (
+        w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.float32)
+    packed = torch.empty((e, n, k // 2), dtype=torch.uint8, device=w.device)
+    scale = torch.empty((e, n, k // group), dtype=scale_dtype, device=w.device)
+    zero = torch.empty(scale.shape, dtype=torch.uint8, device=w.device) \
+        if config.zero_point else None
+    for i in range(e):
+        groups = w[i].double().reshape(n, k // group, group)
+        if mx:
+            codes, scale[i] = _mxfp4_codes(groups)
+        else:
+            codes, scale[i], z = _int4_codes(groups, scale_dtype, config.zero_point)
+            if zero is not None:
+                zero[i] = z
+        packed[i] = pack_4bit(codes.reshape(n, k))
+    return (packed, scale) if zero is None else (packed, scale, zero)
+
+
+def _mxfp4_codes(groups: torch.Tensor):
+    """Groups [N, G, 32] (float64) -> (e2m1 codes, e8m0 exponent bytes [N, G]).
+
+    The shared exponent is the smallest power of two 2^x with amax <= 6 * 2^x,
+    so no element saturates (OCP MX's floor(log2(amax)) - 2 may clip values in
+    (6, 8) * 2^x to 6); x is clamped to e8m0's [-127, 127] (an all-zero group
+    gets 2^-127). Elements round to the nearest e2m1 value, ties to the even
+    code."""
+    amax = groups.abs().amax(dim=-1)
+    x = torch.ceil(torch.log2(amax / E2M1_MAX)).clamp(-127, 127)
+    # log2 of a rounded quotient can be one off: settle on the exact smallest x.
+    x = torch.where(amax > E2M1_MAX * torch.exp2(x), x + 1, x)
+    x = torch.where((x > -127) & (amax <= E2M1_MAX * torch.exp2(x - 1)), x - 1, x)
+    x = x.clamp(-127, 127)
+    v = groups / torch.exp2(x)[..., None]
+    mag = v.abs().clamp(max=E2M1_MAX)
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=mag.dtype, device=mag.device)
+    code = torch.bucketize(mag, mids)  # a midpoint goes to the lower code
+    tie = (code < 7) & (mag == mids[code.clamp(max=6)]) & (code % 2 == 1)
+    code = code + tie.long()
+    code = torch.where((v < 0) & (code > 0), code | 8, code)
+    return code, (x + 127).to(torch.uint8)
+
+
+def _int4_codes(groups: torch.Tensor, scale_dtype: torch.dtype, zero_point: bool):
+    """Groups [N, G, g] (float64) -> (codes, scales [N, G] in scale_dtype,
+    zero points uint8 [N, G]). Symmetric: scale amax / 7, zero 8. Asymmetric
+    (GPTQ's): the range [min(w, 0), max(w, 0)] in 15 steps, zero
+    round(-min / scale). Codes round(w / scale) + zero (half to even), clamped
+    to [0, 15], from the scale as stored (rounded to scale_dtype)."""
+    tiny = torch.finfo(scale_dtype).tiny
+    if zero_point:
+        lo = groups.amin(dim=-1).clamp(max=0)
+        hi = groups.amax(dim=-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=tiny).to(scale_dtype)
+        zero = torch.round(-lo / scale.double()).clamp(0, 15)
+    else:
+        scale = (groups.abs().amax(dim=-1) / 7).clamp(min=tiny).to(scale_dtype)
+        zero = torch.full(scale.shape, INT4_SYMMETRIC_ZERO, dtype=torch.float64,
+                          device=scale.device)
+    q = torch.round(groups / scale.double()[..., None]) + zero[..., None]
+    return q.clamp(0, 15).long(), scale, zero.to(torch.uint8)
+
+
+def dequantize_packed4(q: torch.Tensor, scale: torch.Tensor, zero_point=None,
+                       dtype=torch.float32) -> torch.Tensor:
+    """4-bit weights uint8 [E, N, K/2] with scales [E, N, K/g] (e8m0: mxfp4;
+    floats: int4, zero points or 8) -> weights [E, N, K] in ``dtype``."""
+    codes = unpack_4bit(q).long()
+    group = codes.shape[-1] // scale.shape[-1]
+    work = torch.promote_types(dtype, torch.float32)  # float64 keeps 6 * 2^127 finite
+    if scale.dtype in E8M0_DTYPES:
+        exponent = scale.view(torch.uint8).int()
+        s = torch.ldexp(torch.ones_like(exponent, dtype=work), exponent - 127)
+        s = torch.where(exponent == 255, torch.nan, s)
+        table = torch.tensor(E2M1_MAGNITUDES, dtype=work, device=q.device)
+        values = torch.where(codes >= 8, -table[codes & 7], table[codes & 7])
+    else:
+        s = scale.to(work)
+        zero = INT4_SYMMETRIC_ZERO if zero_point is None else \
+            zero_point.long().repeat_interleave(group, dim=-1)
+        values = (codes - zero).to(work)
+    return (values * s.repeat_interleave(group, dim=-1)).to(dtype)
+
+
+# AWQ packs the 8 columns of an int32 in the order 0, 2, 4, 6, 1, 3, 5, 7: column j
+# sits in nibble AWQ_REVERSE_ORDER[j].
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def _int32_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """int32 [..., C] -> codes int64 [..., 8 C], nibble i of t[..., c] at 8 c + i."""
+    shifts = torch.arange(0, 32, 4, device=t.device)
+    return ((t.long()[..., None] >> shifts) & 15).flatten(-2)
+
+
+def _zero_points(zeros: torch.Tensor, name: str) -> torch.Tensor:
+    if zeros.min() < 0 or zeros.max() > 15:
+        raise ValueError(f"{name}: zero points must be in [0, 15], got [{zeros.min().item()}, "
+                         f"{zeros.max().item()}]")
+    return zeros.to(torch.uint8)
+
+
+def repack_gptq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None = None,
+                v2: bool = False):
+    """One GPTQ projection (``qweight`` int32 [K/8, N], 8 codes along K a word,
+    k = 8 r + i in nibble i; ``scales`` [K/g, N]; ``qzeros`` int32 [K/g, N/8]
+    along N, stored as zero - 1 unless the checkpoint_format is ``gptq_v2``)
+    -> (packed uint8 [N, K/2], scales [N, K/g], zero points uint8 [N, K/g]
+    or None without qzeros: zero 8, symmetric). Once at load time."""
+    packed = pack_4bit(_int32_nibbles(qweight.mT))
+    if qzeros is None:
+        return packed, scales.mT.contiguous(), None
+    zeros = _int32_nibbles(qzeros) + (0 if v2 else 1)
+    return packed, scales.mT.contiguous(), _zero_points(zeros, "repack_gptq").mT.contiguous()
+
+
+def repack_awq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor):
+    """One AWQ (GEMM) projection (``qweight`` int32 [K, N/8] and ``qzeros``
+    int32 [K/g, N/8], 8 codes along N a word in AWQ's order; ``scales``
+    [K/g, N]) -> (packed uint8 [N, K/2], scales [N, K/g], zero points uint8
+    [N, K/g]). Once at load time."""
+    def columns(t):
+        codes = _int32_nibbles(t)
+        return codes.view(*codes.shape[:-1], -1, 8)[..., list(AWQ_REVERSE_ORDER)].flatten(-2)
+    zeros = _zero_points(columns(qzeros), "repack_awq")
+    return pack_4bit(columns(qweight).mT), scales.mT.contiguous(), zeros.mT.contiguous()
+
+
 def expand_weight_scale(scale: torch.Tensor, shape, block_shape=None) -> torch.Tensor:
     """A weight scale broadcast to every element of weights of ``shape`` [E, N, K]."""
     e, n, k = shape
@@ -303,7 +616,10 @@ def expand_weight_scale(scale: torch.Tensor, shape, block_shape=None) -> torch.T
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block_shape=None,
-                      dtype=torch.float32) -> torch.Tensor:
+                      dtype=torch.float32, zero_point=None) -> torch.Tensor:
     """fp8 weights [E, N, K] and their scales (block when block_shape is given,
-    else channel [E, N] or tensor [E]) -> weights in ``dtype``."""
+    else channel [E, N] or tensor [E]) -> weights in ``dtype``; 4-bit (uint8)
+    weights with their scales and zero points as ``dequantize_packed4``."""
+    if q.dtype == torch.uint8:
+        return dequantize_packed4(q, scale, zero_point, dtype)
     return (q.float() * expand_weight_scale(scale, q.shape, block_shape)).to(dtype)

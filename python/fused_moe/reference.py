@@ -7,7 +7,12 @@ what the op returns.
 
 FP8 (e4m3fn) follows the contract of the ops: a scale is ``max(amax, 1e-10) /
 448`` of the values it covers, ``q = saturate(x / scale)``, ``x ~ q * scale``.
-Quantized GEMMs dequantize both operands and multiply in float64."""
+Quantized GEMMs dequantize both operands and multiply in float64.
+
+4-bit weights (uint8 [E, N, K/2], two codes a byte, the even k in the low
+nibble) are dequantized by ``dequantize_4bit``, written from the contract's
+table: mxfp4 (e8m0 scales) e2m1(code) * 2^(s - 127), s = 255 NaN; int4
+(float scales) (code - zero) * scale, zero 8 without zero points."""
 
 from __future__ import annotations
 
@@ -144,6 +149,31 @@ def dequantize(w, scale, block_shape=None):
     return w.double() * _per_element(scale, w.shape, block_shape)
 
 
+# e2m1 by code: sign bit 3, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def unpack_4bit(w):
+    """uint8 [..., K/2] -> codes int64 [..., K]: code k = (byte[k/2] >> 4*(k%2)) & 15."""
+    w = w.long()
+    return torch.stack([w & 15, w >> 4], dim=-1).flatten(-2)
+
+
+def dequantize_4bit(w, scale, zero_point=None):
+    """4-bit weights [E, N, K/2] with scales [E, N, K/g] (e8m0 bytes: mxfp4;
+    floats: int4, zero points uint8 [E, N, K/g] or 8) -> float64 [E, N, K]."""
+    codes = unpack_4bit(w)
+    group = codes.shape[-1] // scale.shape[-1]
+    per_k = lambda t: t.repeat_interleave(group, dim=-1)  # noqa: E731
+    if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
+        exponent = scale.view(torch.uint8).double()
+        s = torch.where(exponent == 255, math.nan, torch.pow(2.0, exponent - 127))
+        values = torch.tensor(_E2M1, dtype=torch.float64, device=w.device)[codes]
+        return values * per_k(s)
+    zero = 8.0 if zero_point is None else per_k(zero_point.double())
+    return (codes.double() - zero) * per_k(scale.double())
+
+
 def _dequantize_rows(q, scales, block_k=None):
     """Activations q [R, K] times their scales [R, groups] ([R, 1], [1, 1])."""
     s = scales.double()
@@ -152,12 +182,17 @@ def _dequantize_rows(q, scales, block_k=None):
     return q.double() * s
 
 
-def grouped_gemm(a, w, expert_offsets, bias=None, a_scale=None, w_scale=None, block_shape=None):
+def grouped_gemm(a, w, expert_offsets, bias=None, a_scale=None, w_scale=None, block_shape=None,
+                 w_zp=None):
     """out[r] = w[e] @ a[r] (+ bias[e]); FP8 operands are dequantized by
-    a_scale ([R, ceil(K/bk)], [R, 1] or [1, 1]) and w_scale first."""
+    a_scale ([R, ceil(K/bk)], [R, 1] or [1, 1]) and w_scale first, 4-bit
+    (uint8) w by w_scale and w_zp."""
     a = a.double() if a_scale is None else _dequantize_rows(
         a, a_scale, None if block_shape is None else block_shape[1])
-    w = w.double() if w_scale is None else dequantize(w, w_scale, block_shape)
+    if w.dtype == torch.uint8:
+        w = dequantize_4bit(w, w_scale, w_zp)
+    else:
+        w = w.double() if w_scale is None else dequantize(w, w_scale, block_shape)
     out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float64, device=a.device)
     off = expert_offsets.tolist()
     for e in range(w.shape[0]):
@@ -232,7 +267,8 @@ def fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, activation=
                   is_act_and_mul=True, w13_bias=None, w2_bias=None, expert_map=None,
                   global_num_experts=None, apply_router_weight_on_input=False,
                   intermediate_dtype=None, w13_scale=None, w2_scale=None, a13_scale=None,
-                  a2_scale=None, block_shape=None, per_act_token_quant=False):
+                  a2_scale=None, block_shape=None, per_act_token_quant=False, w13_zp=None,
+                  w2_zp=None):
     """Loops over experts: each token's slots on expert e, computed directly from
     the formula in DESIGN.md (no permute).
 
@@ -247,9 +283,18 @@ def fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, activation=
     token per bk columns with ``block_shape``, else per token with
     ``per_act_token_quant``, else with the static ``a13_scale``/``a2_scale``
     when given, else with one scale over all of them. The intermediates are
-    then rounded to ``intermediate_dtype``, x's dtype unless given."""
-    quantized = w13_scale is not None
+    then rounded to ``intermediate_dtype``, x's dtype unless given.
+
+    4-bit weights (uint8, scales ``w13_scale``/``w2_scale``, zero points
+    ``w13_zp``/``w2_zp``) are dequantized; activations are not quantized
+    (weight-only) and the intermediates are rounded as for FP8."""
+    packed4 = w13.dtype == torch.uint8
+    quantized = w13_scale is not None and not packed4
     x = hidden_states.double()
+    if packed4:
+        intermediate_dtype = intermediate_dtype or hidden_states.dtype
+        w13 = dequantize_4bit(w13, w13_scale, w13_zp)
+        w2 = dequantize_4bit(w2, w2_scale, w2_zp)
     if quantized:
         intermediate_dtype = intermediate_dtype or hidden_states.dtype
         w13 = dequantize(w13, w13_scale, block_shape)

@@ -27,6 +27,13 @@ element; w1's and w3's are one scale of the expert: the larger is kept, it
 never saturates). A float weight in an FP8 layer is quantized as it loads
 (online quantization, one expert at a time), then loaded like an fp8 one.
 
+4-bit layers (mxfp4, int4; tp_size 1 for now) quantize float weights the same
+way (scales ``weight_scale``, asymmetric int4 zero points
+``weight_zero_point``, [out, in/group]), or take packed uint8 weights [out,
+in/2] with their scales, as gpt-oss stores them whole: ``gate_up_proj_blocks``
+[E, 2I, H/32, 16], ``gate_up_proj_scales`` [E, 2I, H/32] (e8m0), and
+``down_proj_blocks`` / ``down_proj_scales``.
+
 Tensors are always the full, unsharded ones; each rank keeps its part: rows
 I*r/tp .. I*(r+1)/tp of gate and of up (a contiguous block of gate/up pairs
 for ``swigluoai``, whose w13 interleaves them as gpt-oss does: w1 fills the
@@ -66,9 +73,14 @@ WHOLE_LAYER_NAMES = {
     "w2_weight": ("w2_weight", "w2"),
     "w13_bias": ("w13_bias", "w13"),
     "w2_bias": ("w2_bias", "w2"),
+    # gpt-oss's mxfp4 tensors: blocks [E, N, K/32, 16] of packed e2m1, e8m0 scales [E, N, K/32].
+    "gate_up_proj_blocks": ("w13_weight", "w13"),
+    "down_proj_blocks": ("w2_weight", "w2"),
+    "gate_up_proj_scales": ("w13_weight_scale", "w13"),
+    "down_proj_scales": ("w2_weight_scale", "w2"),
 }
 # Scale names after a weight's name (``{e}.w1.<name>``, ``w13_<name>``).
-SCALE_NAMES = ("weight_scale_inv", "weight_scale", "input_scale")
+SCALE_NAMES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point")
 WHOLE_LAYER_NAMES.update({f"{p}_{n}": (f"{p}_{n}", p) for p in ("w13", "w2") for n in SCALE_NAMES})
 _WEIGHTS = ("w13_weight", "w2_weight")
 _SCALES = tuple(f"{p}_{n}" for p in ("w13", "w2") for n in SCALE_NAMES)
@@ -181,12 +193,15 @@ def load_expert_weight(layer, param: torch.nn.Parameter, loaded_weight: torch.Te
     """
     role = _role(layer, param)
     _check_shard_id(role, shard_id)
+    if loaded_weight.dtype == torch.float8_e8m0fnu:  # the bytes, not their values
+        loaded_weight = loaded_weight.view(torch.uint8)
     _check_dtype(layer, role, loaded_weight, weight_name)
     full = _full_layout(layer, role, loaded_weight, weight_name, shard_id, expert_id)
     if role == "w2_bias" and layer.tp_rank != 0:
         # Stays zero: the TP ranks' outputs are summed, the bias is added by rank 0 only.
         return expert_id is None or _local_slot(layer, expert_id) is not None
-    online = role in _WEIGHTS and layer.quant_config is not None and full.dtype != FP8_DTYPE
+    online = role in _WEIGHTS and layer.quant_config is not None and \
+        full.dtype not in (FP8_DTYPE, torch.uint8)
     copy = _quantize_and_copy if online else _copy_into
     if expert_id is None:
         # Slot by slot from views of the checkpoint tensor: no gathered copy
@@ -212,12 +227,15 @@ def _copy_into(layer, role, slot, full, shard_id):
 
 def _quantize_and_copy(layer, role, slot, full, shard_id):
     """Online quantization: the whole checkpoint tensor of one expert, so that
-    every TP rank cuts the same fp8 weights and scales, then loaded as fp8."""
-    q, scale = quantize_weight(full, layer.quant_config)
-    scale_role = weight_scale_name(layer.quant_config, role)
+    every TP rank cuts the same quantized weights and scales, then loaded as
+    such (4-bit with asymmetric groups: their zero points too)."""
+    q, scale, *zero = quantize_weight(full, layer.quant_config)
     _copy_into(layer, role, slot, q, shard_id)
-    shape = _full_shape(layer, scale_role, shard_id)
-    _copy_into(layer, scale_role, slot, _fit_scale(scale, (1,), shape), shard_id)
+    prefix = role[:-len("weight")]
+    for scale_role, t in ((weight_scale_name(layer.quant_config, role), scale),
+                          *((f"{prefix}weight_zero_point", z) for z in zero)):
+        shape = _full_shape(layer, scale_role, shard_id)
+        _copy_into(layer, scale_role, slot, _fit_scale(t, (1,), shape), shard_id)
 
 
 def _role(layer, param):
@@ -244,18 +262,26 @@ def _local_slot(layer, expert_id):
 
 def _check_dtype(layer, role, loaded, weight_name):
     dtype = loaded.dtype
+    config = layer.quant_config
     if role in _SCALES:
-        if not dtype.is_floating_point or dtype.itemsize == 1:
+        # 4-bit weights' bytes: mxfp4's e8m0 scales, int4's zero points.
+        byte = dtype == torch.uint8 and config is not None and \
+            (config.weight_dtype == "mxfp4" or role.endswith("zero_point"))
+        if not byte and (not dtype.is_floating_point or dtype.itemsize == 1):
             raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype "
-                             f"{dtype}, expected a float scale (float32, bfloat16, float16)")
+                             f"{dtype}, expected a float scale (float32, bfloat16, float16)"
+                             + (", or e8m0 bytes (uint8)" if config is not None and
+                                config.weight_dtype == "mxfp4" else ""))
     elif layer.quant_config is None and dtype.is_floating_point and dtype.itemsize == 1:
         raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype {dtype}: "
                          "an fp8 checkpoint needs FusedMoE(quant_config=...), e.g. the "
                          "checkpoint's quantization_config")
-    elif role in _WEIGHTS and layer.quant_config is not None and \
-            (not dtype.is_floating_point or (dtype.itemsize == 1 and dtype != FP8_DTYPE)):
-        raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype {dtype}, "
-                         f"expected {FP8_DTYPE} (with its scales) or a float dtype to quantize")
+    elif role in _WEIGHTS and config is not None:
+        stored = torch.uint8 if config.packed4 else FP8_DTYPE
+        if dtype != stored and not (dtype.is_floating_point and dtype.itemsize > 1):
+            raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype "
+                             f"{dtype}, expected {stored} (with its scales) or a float dtype to "
+                             "quantize")
 
 
 def _full_shape(layer, role, shard_id):
@@ -271,7 +297,8 @@ def _full_shape(layer, role, shard_id):
         return shape[:1]
     if role.endswith("input_scale"):
         return ()
-    if role.endswith("weight_scale_inv"):
+    if role.endswith("weight_scale_inv") or \
+            (role.endswith(("weight_scale", "weight_zero_point")) and layer.quant_config.packed4):
         return layer.quant_config.weight_scale_shape(1, *shape)[1:]
     if role.endswith("weight_scale"):
         if layer.quant_config.weight_scale == "channel":
@@ -299,6 +326,11 @@ def _full_layout(layer, role, loaded, weight_name, shard_id, expert_id):
     whole = expert_id is None
     shape = _full_shape(layer, role, shard_id)
     lead = (layer.num_experts,) if whole else ()
+    packed = role in _WEIGHTS and loaded.dtype == torch.uint8
+    if packed:  # two codes a byte along K; gpt-oss's blocks [..., K/32, 16] flattened
+        shape = shape[:-1] + (shape[-1] // 2,)
+        if loaded.dim() == len(lead + shape) + 1:
+            loaded = loaded.flatten(-2)
     expected = lead + shape
     if role in _SCALES:
         fitted = _fit_scale(loaded, lead, shape)
@@ -307,7 +339,7 @@ def _full_layout(layer, role, loaded, weight_name, shard_id, expert_id):
     elif tuple(loaded.shape) == expected and \
             not _stored_transposed(layer, weight_name, shape, whole):
         return loaded
-    elif len(shape) == 2 and whole and tuple(loaded.shape) == lead + shape[::-1]:
+    elif len(shape) == 2 and whole and not packed and tuple(loaded.shape) == lead + shape[::-1]:
         return loaded.transpose(-1, -2)
     which = "for every expert (expert_id=None)" if whole else f"for expert_id={expert_id}"
     raise ValueError(f"FusedMoE.weight_loader: {weight_name} (shard_id={shard_id!r}) has shape "
@@ -359,14 +391,16 @@ def _tp_slice(layer, t, dim):
 
 
 def _copy_scale(layer, dst, full, role, shard_id):
-    """This rank's part of one expert's scale ``full`` [1, ...] into ``dst`` [1, ...]."""
-    full = full.float()
+    """This rank's part of one expert's scale ``full`` [1, ...] into ``dst`` [1, ...]
+    (4-bit weights' scales and zero points as they are, cut like the rows)."""
+    if not layer.quant_config.packed4:
+        full = full.float()
     if role.endswith("input_scale"):
         # w1 and w3 each bring the expert's input scale: keep the larger.
         dst.copy_(torch.maximum(dst, full.reshape(dst.shape)))
     elif role.endswith("weight_scale_inv"):
         _copy_block_scale(layer, dst, full, role, shard_id)
-    elif layer.quant_config.weight_scale == "channel":
+    elif layer.quant_config.weight_scale in ("channel", "group"):
         # Rows scaled like the weight's: w13's cut as its rows, w2's (hidden rows) whole.
         dst.copy_(full) if role.startswith("w2") else \
             _copy_shard(layer, dst, full, "w13_weight", shard_id)
