@@ -36,13 +36,52 @@ Supported: gated experts whose gate is transformers' default
 over interleaved rows (alpha 1.702, limit 7); optional biases. Anything
 else raises NotImplementedError naming the module class and what is
 unsupported.
+
+MXFP4 gpt-oss (``Mxfp4Config``). transformers' ``Mxfp4GptOssExperts`` is not
+decorated with ``use_experts_implementation``: ``Mxfp4GptOssMLP`` calls the
+triton kernels hub (``kernels-community/gpt-oss-triton-kernels``) directly, and
+``experts_implementation`` does nothing for it. So importing this module
+patches, and only when the model's experts implementation is "fused_moe":
+``Mxfp4GptOssExperts.__init__`` keeps its ``config`` (as the decorator does);
+``Mxfp4GptOssExperts.forward`` runs fused_experts; ``Mxfp4GptOssMLP.forward``
+routes with the model's router (as it does under expert parallelism) and calls
+the experts module instead of the hub's routing. Any other implementation runs
+transformers' code unchanged. The experts then run on the packed e2m1 bytes as
+they are: ``gate_up_proj`` [E, 2I, H/2] uint8 (gpt-oss's ``*_blocks``
+[E, 2I, H/32, 16] flattened: interleaved gate/up rows, the even k in the low
+nibble, fused_moe's own layout) with its e8m0 uint8 scales [E, 2I, H/32], the
+same for ``down_proj``, no dequantized copy. The scales are taken from
+``{proj}_precision_config.weight_scale`` (the hub's tensor) or from a
+``{proj}_scales`` tensor on the module; the weights from the hub's tensor or
+the module's uint8 ``{proj}`` (or a ``{proj}_blocks`` tensor). Hub tensors in
+its plain ``StridedLayout`` are read in place; hub layouts swizzled for a GPU
+(Hopper, Blackwell, CDNA4 value/scale layouts) are unswizzled once into a
+cached packed copy (4-bit, a quarter of bf16). The fp32 biases get a cached
+copy in the activations' dtype (E * (2I + H) values). Refused by name:
+``swiglu_limit`` other than 7, expert parallelism (``_is_hooked``).
+
+How transformers 5 loads an MXFP4 checkpoint matters here: the
+``Mxfp4GptOssExperts`` modules exist only when the kernels hub and
+``accelerate`` are available (and, on CPU, triton >= 3.5). Without
+``accelerate``, ``Mxfp4Config(dequantize=False)`` raises ImportError; without
+the hub or triton, or on a device transformers does not take for MXFP4, it
+falls back to ``dequantize=True`` with a warning: the experts are then bf16
+``GptOssExperts`` (dequantized at load by ``Mxfp4Dequantize``), which run on
+fused_moe's bf16 path above.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
 from transformers.integrations.moe import ExpertsInterface
+
+try:  # transformers' MXFP4 (gpt-oss) experts; absent in older versions
+    from transformers.integrations import mxfp4 as _hf_mxfp4
+except ImportError:  # pragma: no cover
+    _hf_mxfp4 = None
 
 from ..experts import fused_experts
 
@@ -76,6 +115,7 @@ def register() -> None:
     for bf16/fp16/fp32 experts and for FineGrainedFP8's FP8Experts."""
     ExpertsInterface.register(NAME, experts_forward)
     FP8ExpertsInterface.register(NAME, fp8_experts_forward)
+    _patch_mxfp4()
 
 
 def experts_forward(
@@ -244,6 +284,128 @@ def _cached(module: torch.nn.Module, name: str, param: torch.Tensor, make) -> to
     if cached is None or cached[0] != key:
         cached = cache[name] = (key, make(param))
     return cached[1]
+
+
+# ---------------------------------------------------------------------------
+# MXFP4 gpt-oss experts (transformers' Mxfp4GptOssExperts / Mxfp4GptOssMLP)
+
+_MXFP4_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def mxfp4_experts_forward(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """An Mxfp4GptOssExperts module's forward on fused_experts' mxfp4 path:
+    the packed e2m1 weights and e8m0 scales as the module holds them,
+    gpt-oss's biases, clamped SwiGLU (swigluoai) over interleaved rows."""
+    _check_mxfp4_supported(module)
+    w13, w13_scale = _mxfp4_weight(module, "gate_up_proj", 2 * module.intermediate_size, module.hidden_size)
+    w2, w2_scale = _mxfp4_weight(module, "down_proj", module.hidden_size, module.intermediate_size)
+    dtype = hidden_states.dtype
+    b13 = _cached(module, "gate_up_proj_bias", module.gate_up_proj_bias.detach(), lambda b: b.to(dtype))
+    b2 = _cached(module, "down_proj_bias", module.down_proj_bias.detach(), lambda b: b.to(dtype))
+    ids = top_k_index if top_k_index.dtype in (torch.int32, torch.int64) else top_k_index.long()
+    out = fused_experts(
+        hidden_states, w13, w2, top_k_weights.to(torch.float32), ids,
+        activation="swigluoai", w13_bias=b13, w2_bias=b2, w13_scale=w13_scale, w2_scale=w2_scale)
+    return out.to(dtype)
+
+
+def _check_mxfp4_supported(module: torch.nn.Module) -> None:
+    if getattr(module, "_is_hooked", False):
+        raise _unsupported(module, "expert parallelism (ids of experts on other ranks)")
+    if (module.alpha, module.limit) != (_SWIGLUOAI_ALPHA, _SWIGLUOAI_LIMIT):
+        raise _unsupported(module, f"swigluoai with alpha={module.alpha}, limit={module.limit} "
+                                   f"(fused_moe has alpha={_SWIGLUOAI_ALPHA}, limit={_SWIGLUOAI_LIMIT})")
+
+
+def _mxfp4_weight(module: torch.nn.Module, proj: str, rows: int, cols: int):
+    """(packed uint8 [E, rows, cols/2], e8m0 uint8 scales [E, rows, cols/32])
+    of weight `proj`, views of what the module holds where it can be."""
+    experts = module.num_experts
+    weight = getattr(module, proj + "_blocks", None)
+    if weight is None:
+        weight = getattr(module, proj, None)
+    precision = getattr(module, proj + "_precision_config", None)
+    scale = getattr(module, proj + "_scales", None)
+    if scale is None and precision is not None:
+        scale = precision.weight_scale
+    if weight is None or scale is None:
+        raise _unsupported(module, f"{proj} without its MXFP4 scales ({proj}_scales or "
+                                   f"{proj}_precision_config.weight_scale)")
+    weight = _from_hub(module, proj, weight)
+    scale = _from_hub(module, proj + "_scales", scale)
+    if scale.dtype != torch.uint8:  # float8_e8m0fnu: the same bytes
+        scale = scale.view(torch.uint8) if scale.dtype.itemsize == 1 else scale
+    weight = weight.reshape(experts, rows, -1) if weight.dim() == 4 else weight
+    want_w, want_s = (experts, rows, cols // 2), (experts, rows, cols // 32)
+    if weight.dtype != torch.uint8 or tuple(weight.shape) != want_w:
+        raise _unsupported(module, f"MXFP4 {proj} of {weight.dtype} {tuple(weight.shape)} "
+                                   f"(fused_moe wants uint8 {want_w})")
+    if scale.dtype != torch.uint8 or tuple(scale.shape) != want_s:
+        raise _unsupported(module, f"MXFP4 {proj} scales of {scale.dtype} {tuple(scale.shape)} "
+                                   f"(fused_moe wants e8m0 uint8 {want_s})")
+    if weight.stride(-1) != 1:
+        weight = _cached(module, proj + ".contiguous", weight, lambda w: w.contiguous())
+    return weight, scale
+
+
+def _from_hub(module: torch.nn.Module, name: str, tensor):
+    """A plain tensor as it is; a triton kernels hub tensor (``.storage.data``
+    laid out by ``.storage.layout``, stored [E, K, N]) as the [E, N, K] torch
+    tensor it holds: a view for the hub's StridedLayout, else a cached
+    unswizzled copy (as transformers' Mxfp4ReverseDeserialize unswizzles)."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach()
+    storage = getattr(tensor, "storage", None)
+    if storage is None or not hasattr(storage, "layout"):
+        raise _unsupported(module, f"{name} of type {type(tensor).__name__}")
+    data, layout = storage.data, storage.layout
+    if type(layout).__name__ == "StridedLayout":
+        return layout.unswizzle_data(data).transpose(-1, -2)
+    return _cached(module, name + ".unswizzled", data,
+                   lambda d: layout.unswizzle_data(d).transpose(-1, -2).contiguous())
+
+
+def _mxfp4_uses_fused_moe(module: torch.nn.Module) -> bool:
+    config = module.__dict__.get("config")
+    return getattr(config, "_experts_implementation", None) == NAME
+
+
+def _patch_mxfp4() -> None:
+    """Route Mxfp4GptOssExperts to fused_moe when the model asks for it (see
+    the module docstring: transformers has no hook for these modules)."""
+    if _hf_mxfp4 is None or getattr(_hf_mxfp4.Mxfp4GptOssExperts, "_fused_moe_patched", False):
+        return
+    experts_cls, mlp_cls = _hf_mxfp4.Mxfp4GptOssExperts, _hf_mxfp4.Mxfp4GptOssMLP
+    init, forward, mlp_forward = experts_cls.__init__, experts_cls.forward, mlp_cls.forward
+
+    @functools.wraps(init)
+    def __init__(self, config, *args, **kwargs):
+        init(self, config, *args, **kwargs)
+        self.config = config
+
+    @functools.wraps(forward)
+    def experts_forward_(self, hidden_states, top_k_index, top_k_weights):
+        if _mxfp4_uses_fused_moe(self):
+            return mxfp4_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return forward(self, hidden_states, top_k_index, top_k_weights)
+
+    @functools.wraps(mlp_forward)
+    def mlp_forward_(self, hidden_states):
+        if not _mxfp4_uses_fused_moe(self.experts):
+            return mlp_forward(self, hidden_states)
+        batch_size = hidden_states.shape[0]
+        hidden_states = hidden_states.reshape(-1, self.router.hidden_dim)
+        router_logits, router_scores, router_indices = self.router(hidden_states)
+        routed_out = self.experts(hidden_states, router_indices, router_scores)
+        return routed_out.reshape(batch_size, -1, self.router.hidden_dim), router_logits
+
+    experts_cls.__init__, experts_cls.forward, mlp_cls.forward = __init__, experts_forward_, mlp_forward_
+    experts_cls._fused_moe_patched = True
 
 
 register()
