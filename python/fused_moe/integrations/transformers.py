@@ -64,10 +64,12 @@ How transformers 5 loads an MXFP4 checkpoint matters here: the
 ``Mxfp4GptOssExperts`` modules exist only when the kernels hub and
 ``accelerate`` are available (and, on CPU, triton >= 3.5). Without
 ``accelerate``, ``Mxfp4Config(dequantize=False)`` raises ImportError; without
-the hub or triton, or on a device transformers does not take for MXFP4, it
-falls back to ``dequantize=True`` with a warning: the experts are then bf16
-``GptOssExperts`` (dequantized at load by ``Mxfp4Dequantize``), which run on
-fused_moe's bf16 path above.
+triton or the ``kernels`` package, or on a device transformers does not take
+for MXFP4 (among them a CPU-only machine with a CUDA build of torch: its
+current accelerator reads "cuda" with no GPU), it falls back to
+``dequantize=True`` with a warning, and if the hub cannot be fetched,
+loading fails. Dequantized, the experts are bf16 ``GptOssExperts``
+(``Mxfp4Dequantize`` at load), which run on fused_moe's bf16 path above.
 """
 
 from __future__ import annotations
