@@ -2,10 +2,14 @@
 and a per-expert loop, measured by fused_moe.bench; with --quant, PERF.md's
 FP8 table: fused_moe on FP8 weights beside fused_moe on the bf16 ones,
 torch._scaled_grouped_mm rowwise and torch._grouped_mm, against the FP8
-floor and targets.
+floor and targets; with a 4-bit --quant (mxfp4, int4-g128, ...), PERF.md's
+4-bit table: fused_moe on the packed weights beside fused_moe on the bf16 and
+on fp8-block ones ("fused_moe-fp8") and torch._grouped_mm (torch has no
+4-bit peer), against the 4-bit floor and targets, with PERF.md's vLLM
+Triton W4A16 times.
 
     python benchmarks/bench_moe.py [--models qwen3-30b-a3b,deepseek-v3] [--ms 1,8] [--rounds 3]
-        [--quant fp8-block] [--json PATH]
+        [--quant fp8-block|mxfp4|int4-g128] [--json PATH]
 """
 
 import argparse
@@ -21,11 +25,13 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(bench.MODELS),
                         help=f"comma-separated subset of {','.join(bench.MODELS)}")
     parser.add_argument("--impls", help=f"comma-separated subset of {','.join(bench.IMPLS)} "
-                                         f"(default all), with --quant of {','.join(bench.QUANT_IMPLS)} "
-                                         "(default all but the loop)")
+                                         f"(default all), with an FP8 --quant of "
+                                         f"{','.join(bench.QUANT_IMPLS)}, with a 4-bit one of "
+                                         f"{','.join(bench.QUANT4_IMPLS)} (default all but the loop)")
     parser.add_argument("--quant", choices=bench.QUANTS, default="none",
-                        help="FP8 weights made from the bf16 ones (fp8-tensor: static activation "
-                             "scales); default none")
+                        help="FP8 or 4-bit weights made from the bf16 ones (fp8-tensor: static "
+                             "activation scales; int4: a bf16 scale per group, -asym with zero "
+                             "points); default none")
     parser.add_argument("--ms", default=",".join(map(str, bench.TOKENS)),
                         help="comma-separated token counts M")
     parser.add_argument("--rounds", type=int, default=1,

@@ -303,3 +303,205 @@ def test_fused_moe_gets_the_contract_kwargs(monkeypatch, scheme):
     assert seen[0] == CONTRACT_KWARGS[scheme]
     assert [r["impl"] for r in rows] == list(bench.QUANT_IMPLS_CPU) and all(r["ok"] for r in rows)
     assert rows[0]["rel_diff"] <= bench.CHECK_RTOL_FP8 and rows[0]["weights"] == scheme
+
+
+# --- 4-bit schemes ----------------------------------------------------------------------
+
+QUANTS_4BIT = ["mxfp4", "int4-g128", "int4-g64", "int4-g32", "int4-g128-asym"]
+
+
+def test_4bit_schemes_are_quants():
+    assert list(bench.QUANTS_4BIT) == QUANTS_4BIT and set(QUANTS_4BIT) <= set(bench.QUANTS)
+    assert bench.quant_config("mxfp4") == quant.QuantConfig.mxfp4()
+    assert bench.quant_config("int4-g128-asym") == quant.QuantConfig.int4(128, symmetric=False)
+    assert bench.quant4_config("int4-g8-asym") == quant.QuantConfig.int4(8, symmetric=False)
+    assert bench.fit_4bit_group("int4-g128", 2880, 2880) == "int4-g64"  # PERF.md's gpt-oss group
+    assert bench.fit_4bit_group("int4-g128-asym", 32, 24) == "int4-g8-asym"
+    assert bench.fit_4bit_group("int4-g128", 4096, 1536) == "int4-g128"
+    assert bench.fit_4bit_group("mxfp4", 2880, 2880) == "mxfp4"
+
+
+@pytest.mark.parametrize("scheme", QUANTS_4BIT)
+def test_cpu_4bit_point(scheme):
+    rows = bench.run_point("tiny", TINY, 5, device="cpu", dtype=torch.bfloat16, quant=scheme,
+                           rounds=2)
+    assert [r["impl"] for r in rows] == list(bench.QUANT4_IMPLS_CPU) == [
+        "fused_moe", "fused_moe-bf16", "fused_moe-fp8", "loop"]
+    assert [r["weights"] for r in rows] == [scheme, "bf16", "fp8-block", "bf16"]
+    for r in rows:
+        assert r["us"] > 0 and r["ok"] and r["quant"] == scheme and r["error"] is None
+    ours, bf16, fp8 = rows[:3]
+    assert ours["rel_diff"] <= bench.CHECK_RTOL_4BIT  # against the loop on its dequantized weights
+    assert fp8["rel_diff"] <= bench.CHECK_RTOL_FP8
+    assert ours["vs_bf16"] == pytest.approx(bf16["us"] / ours["us"])
+    assert ours["vs_fp8"] == pytest.approx(fp8["us"] / ours["us"])
+    assert ours["best_peer"] == "loop"  # fused_moe-bf16 and fused_moe-fp8 are ours
+    assert ours["target_us"] is None and ours["vllm_us"] is None  # no PERF.md point on a CPU
+    summary = bench.format_summary(rows)
+    assert summary.startswith(f"tiny M=5 bf16 {scheme}: fused_moe ")
+    assert "over fused_moe-fp8" in summary and summary.endswith("no torch peer")
+    assert bench.NO_TORCH_PEER in bench.format_table(rows)
+
+
+def test_4bit_check_is_against_the_dequantized_weights(monkeypatch):
+    """A 4-bit fused_moe that computed on the unquantized weights would be
+    about 0.2 off the scheme's reference: flagged."""
+    def bf16_instead(x, w13, w2, topk_weights, topk_ids, **kwargs):
+        return bench.loop_experts(x, *full, topk_weights, topk_ids)
+
+    args = bench.make_inputs(*TINY, 5, "cpu", torch.bfloat16)
+    full = args[1:3]
+    monkeypatch.setattr(bench, "_FUNCTIONS", {**bench._FUNCTIONS, "fused_moe": bf16_instead})
+    rows = bench.run_point("tiny", TINY, 5, device="cpu", dtype=torch.bfloat16, quant="mxfp4",
+                           impls=("fused_moe", "loop"))
+    assert not rows[0]["ok"] and rows[0]["rel_diff"] > bench.CHECK_RTOL_4BIT
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4", "int4-g128", "int4-g128-asym"])
+def test_4bit_floor_counts_packed_bytes_and_scales(scheme):
+    ceilings = bench.Ceilings(copy_gbps=4000, matmul_tflops=800, fp8_tflops=1600)
+    rows = bench.run_point("tiny", TINY, 64, device="cpu", dtype=torch.bfloat16, quant=scheme,
+                           ceilings=ceilings, impls=("fused_moe", "fused_moe-bf16", "loop"))
+    E, K, H, I = TINY
+    group = 32 if scheme == "mxfp4" else 128
+    per_n = lambda k: k // 2 + k // group * (1 if scheme == "mxfp4" else 2) + (  # noqa: E731
+        k // group if scheme.endswith("-asym") else 0)
+    expert = 2 * I * per_n(H) + H * per_n(I)  # packed codes, scales (e8m0 or bf16), zero points
+    x, w13, w2, _, ids = bench.make_inputs(*TINY, 64, "cpu", torch.bfloat16)
+    moved = torch.unique(ids).numel() * expert + 2 * x.numel() * 2
+    floor = max(bench.flops(K, H, I, 64) / 800e6, moved / 4000e3)
+    assert all(r["floor_us"] == pytest.approx(floor) for r in rows)
+    ours, bf16 = rows[:2]
+    assert ours["gbps"] == pytest.approx(moved / ours["us"] / 1e3)
+    assert bf16["gbps"] == pytest.approx(bench.bytes_moved(ids, w13, w2, x) / bf16["us"] / 1e3)
+    assert ours["pct_of_floor"] == pytest.approx(100 * floor / ours["us"])
+
+
+def test_4bit_targets_and_vllm_from_perf_md():
+    def row(M, us, impl="fused_moe", scheme="mxfp4"):
+        return dict(shape="qwen3-30b-a3b", M=M, impl=impl, us=us, dtype="bf16", device="cuda",
+                    quant=scheme)
+    rows = [row(1, 7.0), row(1, 99.0, "grouped_mm"), row(8, 40.0), row(32, None)]
+    bench._add_targets(rows)
+    assert [r["target_us"] for r in rows] == [8, None, 35, 77]
+    assert [r["meets_target"] for r in rows] == [True, None, False, False]
+    assert rows[0]["vllm_us"] == 132 and rows[0]["vs_vllm"] == pytest.approx(132 / 7)
+    text = bench.format_targets(rows)
+    assert text.splitlines()[0] == "targets met: 1 of 3 (mxfp4; PERF.md's H200 targets)"
+    assert "qwen3-30b-a3b M=8: 40 us > 35 us" in text
+    assert bench.target_us("gpt-oss-120b", 8192, "int4-g128") == 2710
+    assert bench.target_us("gpt-oss-120b", 1, "int4-g32") is None  # not the table's bytes
+    assert bench.vllm_4bit_us("deepseek-v3", 128, "int4-g32") == 17996
+    assert bench.vllm_4bit_us("deepseek-v3", 128, "fp8-block") is None
+    assert all(len(t) == len(bench.TOKENS) for t in bench.TARGETS_US["4bit"].values())
+    assert set(bench.TARGETS_US["4bit"]) == set(bench.VLLM_4BIT_US) == set(bench.MODELS)
+    summary_rows = [dict(row(1, 7.0), E=128, K=8, H=2048, I=768), dict(
+        row(1, 14.0, "fused_moe-bf16"), E=128, K=8, H=2048, I=768), dict(
+        row(1, 99.0, "grouped_mm"), E=128, K=8, H=2048, I=768)]
+    bench._add_speedups(summary_rows)
+    bench._add_targets(summary_rows)
+    line = bench.format_summary(summary_rows)
+    assert "2.00x over fused_moe-bf16; no torch peer; PERF.md's vLLM Triton W4A16 (H200) " \
+           "132 us, 18.86x" in line
+
+
+def test_impls_with_a_4bit_scheme():
+    bench.check_impls(bench.QUANT4_IMPLS, "mxfp4")
+    with pytest.raises(ValueError, match="scaled_grouped_mm needs an FP8 scheme.*no torch peer"):
+        bench.check_impls(["fused_moe", "scaled_grouped_mm"], "int4-g128")
+    with pytest.raises(ValueError, match="fused_moe-fp8 needs a 4-bit scheme"):
+        bench.check_impls(["fused_moe-fp8"])
+    with pytest.raises(ValueError, match="fused_moe-fp8 needs a 4-bit scheme"):
+        bench.check_impls(["fused_moe-fp8"], "fp8-block")
+    with pytest.raises(ValueError, match="unknown quant 'int4-g256'"):
+        bench.check_impls(["fused_moe"], "int4-g256")
+    assert bench.default_impls("mxfp4", cuda=True) == (
+        "fused_moe", "fused_moe-bf16", "fused_moe-fp8", "grouped_mm")
+    assert bench.default_impls("int4-g128", cuda=False) == bench.QUANT4_IMPLS_CPU
+
+
+def test_4bit_that_does_not_fit_gets_an_na_row():
+    rows = bench.run_point("tiny", (4, 2, 32, 24), 3, device="cpu", dtype=torch.bfloat16,
+                           quant="mxfp4")  # 24 is not a multiple of mxfp4's 32
+    ours = rows[0]
+    assert ours["us"] is None and "32" in ours["error"] and ours["weights"] == "mxfp4"
+    assert all(r["ok"] for r in rows[1:]) and ours["floor_us"] is None
+    assert "n/a: fused_moe:" in bench.format_table(rows)
+    int4 = bench.run_point("tiny", (4, 2, 32, 24), 3, device="cpu", dtype=torch.bfloat16,
+                           quant="int4-g128")
+    assert int4[0]["weights"] == "int4-g8" and int4[0]["ok"]
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4", "int4-g128", "int4-g128-asym"])
+def test_fused_moe_gets_the_4bit_contract_kwargs(monkeypatch, scheme):
+    """fused_moe's 4-bit call as int4_contract.md has it: uint8 [E, N, K/2]
+    weights, [E, N, K/g] scales (uint8 e8m0 or bf16), zero points only for
+    asymmetric int4, no FP8 options."""
+    seen = []
+
+    def fp4_fused_experts(x, w13, w2, topk_weights, topk_ids, **kwargs):
+        if w13.dtype != torch.uint8:  # fused_moe-fp8
+            return fused_moe.fused_experts(x, w13, w2, topk_weights, topk_ids, **kwargs)
+        seen.append({k: (tuple(v.shape), v.dtype) for k, v in kwargs.items()})
+        assert w13.shape == (4, 256, 128) and w2.shape == (4, 256, 64)
+        w13, w2 = (quant.dequantize_packed4(w, kwargs[f"{n}_scale"], kwargs.get(f"{n}_zp"), x.dtype)
+                   for w, n in ((w13, "w13"), (w2, "w2")))
+        return bench.loop_experts(x, w13, w2, topk_weights, topk_ids)
+
+    monkeypatch.setattr(bench, "_FUNCTIONS", {**bench._FUNCTIONS, "fused_moe": fp4_fused_experts,
+                                              "fused_moe-fp8": fp4_fused_experts})
+    rows = bench.run_point("tiny", TINY, 7, device="cpu", dtype=torch.bfloat16, quant=scheme)
+    g, dtype = (32, torch.uint8) if scheme == "mxfp4" else (128, torch.bfloat16)
+    expected = dict(w13_scale=((4, 256, 256 // g), dtype), w2_scale=((4, 256, 128 // g), dtype))
+    if scheme.endswith("-asym"):
+        expected.update(w13_zp=((4, 256, 2), torch.uint8), w2_zp=((4, 256, 1), torch.uint8))
+    assert seen[0] == expected
+    assert all(r["ok"] for r in rows) and rows[0]["rel_diff"] <= 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4", "int4-g128"])
+def test_cli_4bit_writes_json(tmp_path, capsys, monkeypatch, scheme):
+    out = tmp_path / "bench.json"
+    argv = [*TINY_ARGS, "--quant", scheme, "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", ["fused_moe", *argv])  # the record's command line
+    assert cli_main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["quant"] == scheme and record["command"] == " ".join(["python -m fused_moe", *argv])
+    rows = record["results"]
+    assert [(r["M"], r["impl"]) for r in rows] == [
+        (m, impl) for m in (1, 5) for impl in bench.QUANT4_IMPLS_CPU]
+    assert all(r["ok"] and r["us"] > 0 and r["dtype"] == "bf16" for r in rows)
+    assert [r["weights"] for r in rows[:4]] == [scheme, "bf16", "fp8-block", "bf16"]
+    assert {"vs_fp8", "vllm_us", "target_us", "floor_us"} <= set(rows[0])
+    printed = capsys.readouterr().out
+    assert f"custom M=5 bf16 {scheme}: fused_moe " in printed and "over fused_moe-fp8" in printed
+    assert bench.NO_TORCH_PEER in printed
+
+
+def test_cli_4bit_flags_are_checked(capsys):
+    for argv, message in (([*TINY_ARGS, "--quant", "int4-g256"], "invalid choice: 'int4-g256'"),
+                          ([*TINY_ARGS, "--quant", "mxfp4", "--impl", "scaled_grouped_mm"],
+                           "no torch peer"),
+                          ([*TINY_ARGS, "--impl", "fused_moe-fp8"], "needs a 4-bit scheme")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_moe_takes_the_4bit_schemes():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(fused_moe.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+    def run(*argv):
+        return subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True,
+                              text=True, timeout=120)
+    for argv, message in ((["--quant", "mxfp4", "--impls", "scaled_grouped_mm"], "no torch peer"),
+                          (["--impls", "fused_moe-fp8"], "needs a 4-bit scheme"),
+                          (["--quant", "int4-g256"], "invalid choice")):
+        result = run(*argv)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    if not torch.cuda.is_available():  # the flags are taken; the script itself needs a GPU
+        for scheme in ("mxfp4", "int4-g128", "int4-g128-asym"):
+            result = run("--quant", scheme, "--impls", "fused_moe,fused_moe-fp8", "--ms", "1")
+            assert result.returncode == 1 and "needs a CUDA GPU" in result.stderr, result.stderr

@@ -94,3 +94,26 @@ def test_bench_rounds(tmp_path):
     assert all(r["us"] > 0 for r in json.loads(out.read_text())["results"])
     bad = cli(*TINY, "--rounds", "0")
     assert bad.returncode == 2 and "positive" in bad.stderr
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4", "int4-g128"])
+def test_bench_4bit_writes_json(tmp_path, scheme):
+    out = tmp_path / "bench.json"
+    result = cli("bench", "--shape", "4,2,64,32", "--tokens", "1,4", "--quant", scheme,
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["quant"] == scheme
+    assert record["command"] == f"python -m fused_moe bench --shape 4,2,64,32 --tokens 1,4 " \
+                                f"--quant {scheme} --json {out}"
+    rows = record["results"]
+    from fused_moe import bench
+    assert [r["impl"] for r in rows] == list(bench.default_impls(scheme, torch.cuda.is_available())) * 2
+    assert bench.default_impls(scheme, cuda=False) == ("fused_moe", "fused_moe-bf16",
+                                                       "fused_moe-fp8", "loop")
+    assert all(r["ok"] and r["us"] > 0 for r in rows)
+    assert rows[0]["weights"] == ("int4-g32" if scheme == "int4-g128" else scheme)
+    assert f"custom M=4 bf16 {scheme}: fused_moe " in result.stdout
+    assert "no torch peer" in result.stdout
+    bad = cli("bench", "--quant", "int4")
+    assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr

@@ -89,16 +89,20 @@ def add_bench_parser(commands) -> None:
     parser.add_argument("--tokens", type=_ints(), metavar="M,M,...",
                         help=f"token counts (default {','.join(map(str, bench.TOKENS))}; "
                              f"on CPU {','.join(map(str, bench.CPU_TOKENS))})")
-    parser.add_argument("--impl", type=_names(bench.QUANT_IMPLS), metavar="NAME,...",
+    parser.add_argument("--impl", type=_names(bench.ALL_IMPLS), metavar="NAME,...",
                         help=f"implementations to time, of {','.join(bench.IMPLS)} (default all); "
-                             "with --quant also fused_moe-bf16 (fused_moe on the bf16 weights) and "
-                             "scaled_grouped_mm (torch._scaled_grouped_mm rowwise, GPU only), by "
-                             "default all but the loop on a GPU, "
-                             f"{','.join(bench.QUANT_IMPLS_CPU)} on CPU")
+                             "with --quant also fused_moe-bf16 (fused_moe on the bf16 weights), "
+                             "with an FP8 scheme scaled_grouped_mm (torch._scaled_grouped_mm "
+                             "rowwise, GPU only), with a 4-bit one fused_moe-fp8 (fused_moe on "
+                             "fp8-block weights; torch has no 4-bit peer); by default all but the "
+                             f"loop on a GPU, {','.join(bench.QUANT_IMPLS_CPU)} (4-bit: "
+                             f"{','.join(bench.QUANT4_IMPLS_CPU)}) on CPU")
     parser.add_argument("--quant", choices=bench.QUANTS, default="none",
-                        help="time fused_moe on FP8 weights quantized from the bf16 ones: 128x128 "
-                             "block, per-channel or per-tensor scales (fp8-tensor with static "
-                             "activation scales), beside the bf16 peers (default none)")
+                        help="time fused_moe on weights quantized from the bf16 ones: FP8 with "
+                             "128x128 block, per-channel or per-tensor scales (fp8-tensor with "
+                             "static activation scales), or 4-bit weight-only (mxfp4; int4 with "
+                             "a bf16 scale per 128/64/32, -asym with zero points), beside the "
+                             "bf16 peers (default none)")
     parser.add_argument("--dtype", type=_names(bench.DTYPES), metavar="NAME,...",
                         help=f"dtypes, of {','.join(bench.DTYPES)} (default bf16; on CPU "
                              f"{','.join(bench.CPU_DTYPES)})")

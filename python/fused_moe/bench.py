@@ -21,6 +21,16 @@ is then PERF.md's FP8 floor: FLOPs / fp8 matmul rate against fp8 weight
 bytes + bf16 x and out / copy bandwidth. On a GPU each implementation also
 reports the memory one call allocates at its peak (``extra_mib``).
 
+With a 4-bit scheme (mxfp4, int4-g128 and the other int4 names of QUANTS)
+fused_moe runs on the packed 4-bit weights beside fused_moe on the bf16
+ones and on fp8-block ones ("fused_moe-fp8") made from the same bf16
+weights, and torch._grouped_mm on a GPU: torch has no 4-bit grouped GEMM
+("no torch peer"); vLLM's Triton W4A16 times on an H200 come from PERF.md
+(``vllm_us``). Its output is checked against the per-expert loop on the
+dequantized weights. The floor is PERF.md's 4-bit floor: FLOPs / bf16
+matmul rate against the packed bytes + scales (+ zero points) + bf16 x and
+out / copy bandwidth.
+
 Also the one table of model shapes (MODELS, LAYER_OPTIONS) and the one
 writer of benchmark records (write_json) that the benchmarks/ scripts use.
 """
@@ -43,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from .experts import fused_experts
-from .quant import FP8_DTYPE, QuantConfig, as_quant_config, quantize_weight, scale_of
+from .quant import (FP8_DTYPE, QuantConfig, as_quant_config, dequantize_packed4, quantize_weight,
+                    scale_of)
 
 # (E, K, H, I) of the PERF.md shapes: the one table, which benchmarks and tests import.
 MODELS = {
@@ -68,16 +79,30 @@ IMPLS = ("fused_moe", "grouped_mm", "loop")
 # The FP8 schemes of --quant ("fp8-tensor" with static activation scales), and
 # what is timed with one: fused_moe on fp8 weights, fused_moe on the bf16 ones,
 # torch's FP8 and bf16 pipelines, the per-expert loop (bf16).
-QUANTS = ("none", "fp8-block", "fp8-channel", "fp8-tensor")
+FP8_QUANTS = ("fp8-block", "fp8-channel", "fp8-tensor")
 QUANT_IMPLS = ("fused_moe", "fused_moe-bf16", "scaled_grouped_mm", "grouped_mm", "loop")
 QUANT_IMPLS_CPU = ("fused_moe", "fused_moe-bf16", "loop")
-OURS = ("fused_moe", "fused_moe-bf16")
+# The 4-bit weight-only schemes (quant.as_quant_config's names), and what is
+# timed with one: fused_moe on the packed weights, on the bf16 ones, and on
+# FP4_PEER_FP8 weights ("fused_moe-fp8"); torch._grouped_mm (bf16) on a GPU, the
+# loop (bf16) on the CPU. torch has no 4-bit grouped GEMM: no torch peer.
+QUANTS_4BIT = ("mxfp4", "int4-g128", "int4-g64", "int4-g32", "int4-g128-asym")
+QUANT4_IMPLS = ("fused_moe", "fused_moe-bf16", "fused_moe-fp8", "grouped_mm", "loop")
+QUANT4_IMPLS_CPU = ("fused_moe", "fused_moe-bf16", "fused_moe-fp8", "loop")
+FP4_PEER_FP8 = "fp8-block"  # the scheme of fused_moe-fp8
+QUANTS = ("none", *FP8_QUANTS, *QUANTS_4BIT)
+ALL_IMPLS = tuple(dict.fromkeys(IMPLS + QUANT_IMPLS + QUANT4_IMPLS))
+OURS = ("fused_moe", "fused_moe-bf16", "fused_moe-fp8")
+NO_TORCH_PEER = "no torch peer (torch has no 4-bit grouped GEMM)"
 # torch._scaled_grouped_mm's only Hopper scheme: fp8 weights with a scale per
 # output channel, rows quantized per token.
 ROWWISE = QuantConfig.fp8_channel()
 ROWWISE_NAME = "fp8-channel"  # its name in QUANTS
 # PERF.md's targets on an H200, in us, at each of TOKENS: "bf16" from its first
-# table, "fp8" from its "FP8 experts" table (the goal of every FP8 scheme).
+# table, "fp8" from its "FP8 experts" table (the goal of every FP8 scheme),
+# "4bit" from its "4-bit weight-only experts" table (int4 symmetric, a scale
+# per 128, 64 for gpt-oss; MXFP4 within 3% of its bytes): the goal of
+# TARGET_4BIT's schemes.
 TARGETS_US = {
     "bf16": {
         "mixtral-8x7b": (195, 434, 695, 696, 779, 2270, 8500),
@@ -93,6 +118,25 @@ TARGETS_US = {
         "deepseek-v3": (91, 630, 1771, 2770, 2784, 3540, 5238),
         "gpt-oss-120b": (39, 185, 562, 864, 879, 1002, 1480),
     },
+    "4bit": {
+        "mixtral-8x7b": (71, 175, 200, 201, 529, 2398, 9592),
+        "qwen3-30b-a3b": (8, 35, 77, 85, 87, 257, 1028),
+        "qwen3-235b-a22b": (30, 140, 309, 341, 346, 1028, 4111),
+        "deepseek-v3": (71, 363, 1039, 1597, 1606, 2398, 9592),
+        "gpt-oss-120b": (21, 98, 299, 459, 468, 677, 2710),
+    },
+}
+TARGET_4BIT = ("mxfp4", "int4-g128")
+# PERF.md's vLLM 0.33 Triton W4A16 (fused_moe_kernel_gptq_awq, int4 g128,
+# default config) on an H200, in us, at each of TOKENS: the only 4-bit MoE peer
+# it could measure (vLLM's Marlin MoE kernel was not measurable there).
+VLLM_4BIT_NAME = "vLLM Triton W4A16"
+VLLM_4BIT_US = {
+    "mixtral-8x7b": (757, 1891, 1780, 1808, 4287, 14152, 52795),
+    "qwen3-30b-a3b": (132, 494, 1047, 831, 866, 1962, 6219),
+    "qwen3-235b-a22b": (275, 1487, 3628, 2885, 2967, 6919, 22876),
+    "deepseek-v3": (474, 3772, 11852, 17996, 12284, 17950, 53877),
+    "gpt-oss-120b": (537, 1322, 4008, 6101, 4117, 5843, 16907),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -113,6 +157,9 @@ CHECK_RTOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 # rounding of both GEMMs' operands alone is about 6.5e-2 in every scheme (a
 # float64 emulation of each at PERF.md's inputs); twice that flags a wrong one.
 CHECK_RTOL_FP8 = 1.25e-1
+# A 4-bit implementation against the loop on its dequantized weights (so the
+# scheme's rounding does not count): PERF.md's 4-bit error goal.
+CHECK_RTOL_4BIT = 2e-2
 LOOP_NOTE = ("loop: per-expert loop timed without a CUDA graph (it reads the "
              "per-expert token counts on the host), so its launch gaps count")
 
@@ -268,20 +315,32 @@ def loop_experts(x, w13, w2, topk_weights, topk_ids):
 
 
 _FUNCTIONS = {"fused_moe": fused_experts, "fused_moe-bf16": fused_experts,
-              "scaled_grouped_mm": scaled_grouped_mm_experts, "grouped_mm": grouped_mm_experts,
-              "loop": loop_experts}
-_GRAPHED = {"fused_moe": True, "fused_moe-bf16": True, "scaled_grouped_mm": True,
-            "grouped_mm": True, "loop": False}
+              "fused_moe-fp8": fused_experts, "scaled_grouped_mm": scaled_grouped_mm_experts,
+              "grouped_mm": grouped_mm_experts, "loop": loop_experts}
+_GRAPHED = {"fused_moe": True, "fused_moe-bf16": True, "fused_moe-fp8": True,
+            "scaled_grouped_mm": True, "grouped_mm": True, "loop": False}
 
 
-# --- FP8 weights ----------------------------------------------------------------------
+# --- FP8 and 4-bit weights --------------------------------------------------------------
 
 
 @dataclass
 class QuantizedExperts:
     w13: torch.Tensor
     w2: torch.Tensor
-    kwargs: dict  # fused_experts' FP8 keyword arguments: the scales, the scheme's options
+    kwargs: dict  # fused_experts' keyword arguments: the scales (zero points), the scheme's options
+    name: str | None = None  # the scheme as a QUANTS-style name, when known
+
+    def bytes_per_expert(self) -> int:
+        """One expert's weight bytes: w13 and w2 with their scales and zero points."""
+        tensors = (self.w13, self.w2, *(self.kwargs.get(k) for k in (
+            "w13_scale", "w2_scale", "w13_zp", "w2_zp")))
+        return sum(t[0].numel() * t.element_size() for t in tensors
+                   if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.w13.shape[0])
+
+
+def is_4bit(quant: str) -> bool:
+    return quant in QUANTS_4BIT
 
 
 def quant_config(name: str) -> QuantConfig | None:
@@ -293,14 +352,51 @@ def quant_config(name: str) -> QuantConfig | None:
     return replace(config, activation_scheme="static") if config.weight_scale == "tensor" else config
 
 
-def quantize_experts(x, w13, w2, topk_ids, config: QuantConfig) -> QuantizedExperts:
-    """fp8 weights and fused_experts' keyword arguments for ``config``; static
-    activation scales calibrated on these inputs."""
-    (q13, s13), (q2, s2) = (quantize_weight(w, config) for w in (w13, w2))
+def quantize_experts(x, w13, w2, topk_ids, config: QuantConfig,
+                     name: str | None = None) -> QuantizedExperts:
+    """fp8 or packed 4-bit weights and fused_experts' keyword arguments for
+    ``config``; static activation scales calibrated on these inputs."""
+    (q13, s13, *z13), (q2, s2, *z2) = (quantize_weight(w, config) for w in (w13, w2))
     kwargs = dict(w13_scale=s13, w2_scale=s2, **config.kernel_kwargs())
+    if z13:
+        kwargs["w13_zp"], kwargs["w2_zp"] = z13[0], z2[0]
     if config.static_activations:
         kwargs["a13_scale"], kwargs["a2_scale"] = static_activation_scales(x, w13, topk_ids)
-    return QuantizedExperts(q13, q2, kwargs)
+    return QuantizedExperts(q13, q2, kwargs, name)
+
+
+def fit_4bit_group(name: str, H: int, I: int) -> str:
+    """An int4 name whose group divides both K (H and I): the scheme's group,
+    halved until it does (PERF.md takes 64 for gpt-oss's 2880); other names as
+    they are."""
+    config = as_quant_config(name)
+    if config.weight_dtype != "int4" or config.group_size is None:
+        return name
+    group = config.group_size
+    while group > 2 and (H % group or I % group):
+        group //= 2
+    return name.replace(f"-g{config.group_size}", f"-g{group}")
+
+
+def quant4_config(name: str) -> QuantConfig:
+    """A 4-bit name's config, for any group size an int4 name spells (fit_4bit_group's)."""
+    if name in QUANTS_4BIT:
+        return as_quant_config(name)
+    group = int(name.removeprefix("int4-g").removesuffix("-asym"))
+    return QuantConfig.int4(group, symmetric=not name.endswith("-asym"))
+
+
+def dequantize_experts(q: QuantizedExperts, dtype: torch.dtype):
+    """(w13, w2) of packed 4-bit experts in ``dtype``, one expert at a time."""
+    out = []
+    for w, s, z in ((q.w13, q.kwargs["w13_scale"], q.kwargs.get("w13_zp")),
+                    (q.w2, q.kwargs["w2_scale"], q.kwargs.get("w2_zp"))):
+        full = torch.empty((*w.shape[:2], 2 * w.shape[2]), dtype=dtype, device=w.device)
+        for e in range(w.shape[0]):
+            full[e] = dequantize_packed4(w[e:e + 1], s[e:e + 1], None if z is None else z[e:e + 1],
+                                         dtype)[0]
+        out.append(full)
+    return tuple(out)
 
 
 def static_activation_scales(x, w13, topk_ids):
@@ -321,11 +417,14 @@ def flops(K: int, H: int, I: int, M: int, gated: bool = True) -> int:
 
 
 def bytes_moved(topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor,
-                weight_bytes: int | None = None) -> int:
+                weight_bytes: int | None = None, expert_bytes: int | None = None) -> int:
     """Weights of every expert some token chose, plus x and out; the weights at
-    ``weight_bytes`` an element (1 for fp8; default their own; scales left out)."""
+    ``weight_bytes`` an element (1 for fp8; default their own; scales left out),
+    or ``expert_bytes`` an expert (4-bit: QuantizedExperts.bytes_per_expert,
+    packed weights with their scales)."""
     hit = torch.unique(topk_ids).numel()
-    per_expert = (w13[0].numel() + w2[0].numel()) * (weight_bytes or w13.element_size())
+    per_expert = expert_bytes or (w13[0].numel() + w2[0].numel()) * (
+        weight_bytes or w13.element_size())
     return hit * per_expert + 2 * x.numel() * x.element_size()
 
 
@@ -435,9 +534,13 @@ def run_point(name: str, shape, M: int, *, impls=None, ceilings: Ceilings | None
     run here gets a row without times (``us`` None, ``error`` why). The
     dtype defaults to bf16 on the GPU, float32 on "cpu", where times are
     wall-clock medians (see CPU_REPS) and the floor and memory fields are
-    None. ``quant`` (of QUANTS): fused_moe on fp8 weights made from the bf16
-    ones (see quantize_experts); an implementation with variants (the
-    scaled_grouped_mm's use_fast_accum) keeps its fastest (``variant``).
+    None. ``quant`` (of QUANTS): fused_moe on fp8 or packed 4-bit weights
+    made from the bf16 ones (see quantize_experts; an int4 group that does
+    not divide H and I is halved until it does, fit_4bit_group, and the row's
+    ``weights`` names the one used); an implementation with variants (the
+    scaled_grouped_mm's use_fast_accum) keeps its fastest (``variant``). A
+    4-bit fused_moe is checked against the loop on its dequantized weights
+    (CHECK_RTOL_4BIT), the fp8 ones against the loop on the bf16 weights.
     """
     E, K, H, I = shape
     device = torch.device(device)
@@ -445,33 +548,63 @@ def run_point(name: str, shape, M: int, *, impls=None, ceilings: Ceilings | None
     impls = tuple(impls or default_impls(quant, device.type == "cuda"))
     x, w13, w2, weights, ids = make_inputs(E, K, H, I, M, device, dtype, row_pad=row_pad)
     args = (x, w13, w2, weights, ids)
-    reference = loop_experts(*args)
-    config = quant_config(quant)
-    fp8 = quantize_experts(x, w13, w2, ids, config) if config and "fused_moe" in impls else None
-    rowwise = _rowwise_experts(args, fp8, config) if "scaled_grouped_mm" in impls else None
-    on_fp8 = {"scaled_grouped_mm": ROWWISE_NAME, **({"fused_moe": quant} if config else {})}
     point = dict(shape=name, E=E, K=K, H=H, I=I, M=M, dtype=_dtype_name(dtype), quant=quant,
                  row_pad=row_pad)
-    where = f"{name} M={M} {point['dtype']}" + ("" if config is None else f" {quant}")
-    steps, extra, errors = _prepare_all(
-        {impl: _calls(impl, args, fp8, rowwise) for impl in impls}, device, where)
+    where = f"{name} M={M} {point['dtype']}" + ("" if quant == "none" else f" {quant}")
+    reference = loop_experts(*args)
+    references = dict.fromkeys(impls, (reference, CHECK_RTOL[dtype]))
+    quantized, errors = {}, {}
+    if quant != "none" and "fused_moe" in impls:
+        try:
+            quantized["fused_moe"] = _quantize_for(quant, args, H, I)
+        except (RuntimeError, NotImplementedError, ValueError) as error:
+            errors["fused_moe"] = _first_line(error)
+            print(f"n/a: fused_moe does not run at {where}: {errors['fused_moe']}", file=sys.stderr)
+    if "fused_moe-fp8" in impls:
+        quantized["fused_moe-fp8"] = quantize_experts(x, w13, w2, ids, quant_config(FP4_PEER_FP8),
+                                                      FP4_PEER_FP8)
+    if "scaled_grouped_mm" in impls:
+        quantized["scaled_grouped_mm"] = _rowwise_experts(args, quantized.get("fused_moe"),
+                                                          quant_config(quant))
+    for impl, q in quantized.items():
+        if q.w13.dtype == torch.uint8:  # 4-bit: the reference computes on its dequantized weights
+            references[impl] = loop_experts(x, *dequantize_experts(q, dtype), weights, ids), \
+                CHECK_RTOL_4BIT
+        elif q.w13.dtype == FP8_DTYPE:
+            references[impl] = reference, CHECK_RTOL_FP8
+    steps, extra, failed = _prepare_all(
+        {impl: _calls(impl, args, quantized) for impl in impls if impl not in errors},
+        device, where)
+    errors.update(failed)
     best = _time_rounds(steps, _median_of(device, replays), rounds)
     work = flops(K, H, I, M)
-    floor = floor_us(work, bytes_moved(ids, w13, w2, x, 1 if config else None), ceilings,
-                     fp8=config is not None)
+    ours = quantized.get("fused_moe")
+    if ours is not None and ours.w13.dtype == torch.uint8:  # PERF.md's 4-bit floor
+        floor = floor_us(work, bytes_moved(ids, w13, w2, x, expert_bytes=ours.bytes_per_expert()),
+                         ceilings)
+    elif is_4bit(quant):
+        floor = None  # fused_moe's 4-bit weights not made: their bytes unknown
+    else:
+        floor = floor_us(work, bytes_moved(ids, w13, w2, x, 1 if quant != "none" else None),
+                         ceilings, fp8=quant != "none")
     rows = []
     for impl in impls:
-        row = dict(point, impl=impl, weights=on_fp8.get(impl, point["dtype"]), variant=None,
+        q = quantized.get(impl)
+        row = dict(point, impl=impl, weights=q.name if q else point["dtype"], variant=None,
                    us=None, rel_diff=None, ok=None, tflops=None, gbps=None, floor_us=floor,
                    pct_of_floor=None, extra_mib=extra.get(impl),
                    graph=device.type == "cuda" and _GRAPHED[impl], device=device.type,
                    error=errors.get(impl))
+        if impl == "fused_moe" and is_4bit(quant) and q is None:
+            row["weights"] = quant
         if impl not in errors:
             variant = min((v for i, v in best if i == impl), key=lambda v: best[impl, v])
             us, out = best[impl, variant], steps[impl, variant][1]
-            tolerance = CHECK_RTOL_FP8 if impl in on_fp8 else CHECK_RTOL[dtype]
-            diff = _check(impl, out, reference, where, tolerance)
-            moved = bytes_moved(ids, w13, w2, x, 1 if impl in on_fp8 else None)
+            expected, tolerance = references[impl]
+            diff = _check(impl, out, expected, where, tolerance)
+            moved = bytes_moved(ids, w13, w2, x, expert_bytes=q.bytes_per_expert()) \
+                if q is not None and q.w13.dtype == torch.uint8 else \
+                bytes_moved(ids, w13, w2, x, 1 if q is not None else None)
             row.update(variant=variant, us=us, rel_diff=diff, ok=bool(diff <= tolerance),
                        tflops=work / us / 1e6, gbps=moved / us / 1e3,
                        pct_of_floor=None if floor is None else 100 * floor / us)
@@ -481,25 +614,43 @@ def run_point(name: str, shape, M: int, *, impls=None, ceilings: Ceilings | None
     return rows
 
 
+def _quantize_for(quant: str, args, H: int, I: int) -> QuantizedExperts:
+    """fused_moe's weights for a QUANTS scheme: fp8 as quant_config has it;
+    4-bit with fit_4bit_group's group (a note on stderr when it differs)."""
+    x, w13, w2, _, ids = args
+    if not is_4bit(quant):
+        return quantize_experts(x, w13, w2, ids, quant_config(quant), quant)
+    name = fit_4bit_group(quant, H, I)
+    if name != quant:
+        print(f"note: {quant}: group {name.split('-g')[1].split('-')[0]} here "
+              f"({quant.split('-g')[1].split('-')[0]} does not divide H={H} and I={I}); "
+              f"weights {name}", file=sys.stderr)
+    return quantize_experts(x, w13, w2, ids, quant4_config(name), name)
+
+
 def _rowwise_experts(args, fp8: QuantizedExperts | None, config) -> QuantizedExperts:
     """scaled_grouped_mm's weights: fused_moe's when they are ROWWISE's, else
     made by it; its keyword arguments the two scales."""
     x, w13, w2, _, ids = args
     if fp8 is None or config != ROWWISE:
         fp8 = quantize_experts(x, w13, w2, ids, ROWWISE)
-    return QuantizedExperts(fp8.w13, fp8.w2, {k: fp8.kwargs[k] for k in ("w13_scale", "w2_scale")})
+    return QuantizedExperts(fp8.w13, fp8.w2, {k: fp8.kwargs[k] for k in ("w13_scale", "w2_scale")},
+                            ROWWISE_NAME)
 
 
-def _calls(impl: str, args, fp8: QuantizedExperts | None, rowwise: QuantizedExperts | None) -> dict:
-    """{variant (None when it has one): a no-argument call} of one implementation."""
+def _calls(impl: str, args, quantized: dict) -> dict:
+    """{variant (None when it has one): a no-argument call} of one
+    implementation; ``quantized`` {impl: QuantizedExperts} the weights of
+    those that run on quantized ones."""
     fn = _FUNCTIONS[impl]
     x, _, _, weights, ids = args
-    if impl == "fused_moe" and fp8 is not None:
-        return {None: partial(fn, x, fp8.w13, fp8.w2, weights, ids, **fp8.kwargs)}
+    q = quantized.get(impl)
     if impl == "scaled_grouped_mm":
-        return {f"use_fast_accum={fast}": partial(fn, x, rowwise.w13, rowwise.w2, weights, ids,
-                                                  use_fast_accum=fast, **rowwise.kwargs)
+        return {f"use_fast_accum={fast}": partial(fn, x, q.w13, q.w2, weights, ids,
+                                                  use_fast_accum=fast, **q.kwargs)
                 for fast in (False, True)}
+    if q is not None:
+        return {None: partial(fn, x, q.w13, q.w2, weights, ids, **q.kwargs)}
     return {None: partial(fn, *args)}
 
 
@@ -560,11 +711,13 @@ def _check(impl, out, reference, where, tolerance) -> float:
 def _add_speedups(rows) -> None:
     """``speedup``: grouped_mm's time over each one's. On fused_moe's row also
     ``best_peer``, the fastest implementation not ours, ``vs_best_peer``, its
-    time over fused_moe's, and ``vs_bf16``, fused_moe-bf16's over fused_moe's.
-    Rows without a time get None."""
+    time over fused_moe's, ``vs_bf16``, fused_moe-bf16's over fused_moe's, and
+    with a 4-bit scheme ``vs_fp8``, fused_moe-fp8's over fused_moe's. Rows
+    without a time get None."""
     timed = [r for r in rows if r["us"] is not None]
     base = next((r["us"] for r in timed if r["impl"] == "grouped_mm"), None)
     bf16 = next((r["us"] for r in timed if r["impl"] == "fused_moe-bf16"), None)
+    fp8 = next((r["us"] for r in timed if r["impl"] == "fused_moe-fp8"), None)
     fastest = min((r for r in timed if r["impl"] not in OURS), key=lambda r: r["us"], default=None)
     for r in rows:
         us = r["us"]
@@ -573,23 +726,45 @@ def _add_speedups(rows) -> None:
         r["best_peer"] = fastest["impl"] if mine and fastest else None
         r["vs_best_peer"] = fastest["us"] / us if mine and fastest else None
         r["vs_bf16"] = bf16 / us if mine and bf16 else None
+        if is_4bit(r.get("quant", "none")):
+            r["vs_fp8"] = fp8 / us if mine and fp8 else None
 
 
 def target_us(shape: str, M: int, quant: str = "none") -> float | None:
-    """PERF.md's target for fused_moe at a PERF.md point (bf16, or an FP8
-    scheme's name); None elsewhere."""
-    times = TARGETS_US["bf16" if quant == "none" else "fp8"].get(shape)
+    """PERF.md's target for fused_moe at a PERF.md point (bf16, an FP8
+    scheme's name, or one of TARGET_4BIT); None elsewhere."""
+    if is_4bit(quant) and quant not in TARGET_4BIT:
+        return None
+    table = "bf16" if quant == "none" else "4bit" if is_4bit(quant) else "fp8"
+    return _at_point(TARGETS_US[table], shape, M)
+
+
+def vllm_4bit_us(shape: str, M: int, quant: str) -> float | None:
+    """PERF.md's vLLM Triton W4A16 time on an H200 at a PERF.md point, for a
+    4-bit scheme's name; None elsewhere."""
+    return _at_point(VLLM_4BIT_US, shape, M) if is_4bit(quant) else None
+
+
+def _at_point(table: dict, shape: str, M: int):
+    times = table.get(shape)
     return times[TOKENS.index(M)] if times and M in TOKENS else None
 
 
 def _add_targets(rows) -> None:
     """``target_us`` and ``meets_target`` on fused_moe's row at PERF.md's
-    points (bf16 activations, on a GPU), None elsewhere."""
+    points (bf16 activations, on a GPU), None elsewhere; with a 4-bit scheme
+    also ``vllm_us``, PERF.md's vLLM Triton W4A16 time there, and
+    ``vs_vllm``, its time over fused_moe's."""
     for r in rows:
         mine = r["impl"] == "fused_moe" and r["dtype"] == "bf16" and r["device"] == "cuda"
-        target = target_us(r["shape"], r["M"], r.get("quant", "none")) if mine else None
+        quant = r.get("quant", "none")
+        target = target_us(r["shape"], r["M"], quant) if mine else None
         r["target_us"] = target
         r["meets_target"] = None if target is None else r["us"] is not None and r["us"] <= target
+        if is_4bit(quant):
+            vllm = vllm_4bit_us(r["shape"], r["M"], quant) if mine else None
+            r["vllm_us"] = vllm
+            r["vs_vllm"] = vllm / r["us"] if vllm and r["us"] else None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -599,21 +774,29 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def default_impls(quant: str = "none", cuda: bool | None = None) -> tuple[str, ...]:
     """IMPLS; with an FP8 scheme QUANT_IMPLS (on a GPU, the loop only as the
-    reference) or QUANT_IMPLS_CPU."""
+    reference) or QUANT_IMPLS_CPU; with a 4-bit one QUANT4_IMPLS (the same)
+    or QUANT4_IMPLS_CPU."""
     if quant == "none":
         return IMPLS
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    return tuple(i for i in QUANT_IMPLS if i != "loop") if cuda else QUANT_IMPLS_CPU
+    every, on_cpu = (QUANT4_IMPLS, QUANT4_IMPLS_CPU) if is_4bit(quant) else (
+        QUANT_IMPLS, QUANT_IMPLS_CPU)
+    return tuple(i for i in every if i != "loop") if cuda else on_cpu
 
 
 def check_impls(impls, quant: str = "none") -> None:
-    """ValueError for an unknown scheme or implementation, or one that needs an FP8 scheme."""
+    """ValueError for an unknown scheme or implementation, or one that needs
+    another scheme (scaled_grouped_mm an FP8 one, fused_moe-fp8 a 4-bit one)."""
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose from {','.join(QUANTS)}")
-    allowed = IMPLS if quant == "none" else QUANT_IMPLS
+    allowed = IMPLS if quant == "none" else QUANT4_IMPLS if is_4bit(quant) else QUANT_IMPLS
     unknown = [i for i in impls if i not in allowed]
-    if unknown and set(unknown) <= set(QUANT_IMPLS):
-        raise ValueError(f"{','.join(unknown)} needs an FP8 scheme (--quant)")
+    if unknown and set(unknown) <= set(ALL_IMPLS):
+        needs = [f"{i} needs {'a 4-bit' if i in QUANT4_IMPLS else 'an FP8'} scheme (--quant)"
+                 for i in unknown]
+        if is_4bit(quant):
+            needs.append(NO_TORCH_PEER)
+        raise ValueError("; ".join(needs))
     if unknown:
         raise ValueError(f"unknown implementations {unknown}; choose from {','.join(allowed)}")
 
@@ -691,6 +874,10 @@ def format_table(results: list[dict]) -> str:
         lines.append("* " + LOOP_NOTE)
     if any(r["variant"] for r in results):
         lines.append("scaled_grouped_mm: the faster of use_fast_accum False and True (JSON: variant)")
+    if any(is_4bit(r.get("quant", "none")) for r in results):
+        lines.append(f"4-bit: {NO_TORCH_PEER}; fused_moe-fp8 is fused_moe on {FP4_PEER_FP8} "
+                     "weights made from the same bf16 ones; the floor is PERF.md's 4-bit floor "
+                     "(packed weights + scales)")
     errors = dict.fromkeys((r["impl"], r["error"]) for r in results if r["error"])
     lines += [f"n/a: {impl}: {error}" for impl, error in errors]
     return "\n".join(lines)
@@ -710,6 +897,13 @@ def format_summary(results: list[dict]) -> str:
                 f"{r['vs_best_peer']:.2f}x over the best peer ({r['best_peer']})")
         if r.get("vs_bf16"):
             line += f", {r['vs_bf16']:.2f}x over fused_moe-bf16"
+        if r.get("vs_fp8"):
+            line += f", {r['vs_fp8']:.2f}x over fused_moe-fp8"
+        if is_4bit(r.get("quant", "none")):
+            line += "; " + NO_TORCH_PEER.split(" (")[0]
+            if r.get("vllm_us"):
+                line += (f"; PERF.md's {VLLM_4BIT_NAME} (H200) {r['vllm_us']:.0f} us, "
+                         f"{r['vs_vllm']:.2f}x")
         lines.append(line)
     return "\n".join(lines)
 
