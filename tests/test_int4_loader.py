@@ -203,6 +203,14 @@ def test_named_config_refuses_ambiguous_qzeros(tmp_path):
         layer.weight_loader(layer.w13_weight_zero_point, tensors[name], name, "w1", 0)
 
 
+def test_float_layer_refuses_int4_tensors(tmp_path):
+    _, _, tensors = write_checkpoint(tmp_path, "gptq", True)
+    layer = FusedMoE(E, TOP_K, H, I, prefix="experts")
+    with pytest.raises(ValueError, match="qweight .*int32: a 4-bit checkpoint needs FusedMoE"):
+        layer.load_weights([("experts.0.up_proj.qweight",
+                             tensors[f"{PREFIX}.experts.0.up_proj.qweight"])])
+
+
 # --- tensor and expert parallelism --------------------------------------------------------
 
 

@@ -181,14 +181,17 @@ def targets(layer, relative: str, name: str) -> list[tuple[str, str, int | None]
         if not entries:
             raise ValueError(f"{name}: not an expert tensor of FusedMoE: expected {{e}}.{{w1|w2|"
                              f"w3|gate_proj|up_proj|down_proj}}.{{weight|bias|weight_scale|"
-                             f"weight_scale_inv|input_scale}} with e < {layer.num_experts}, or "
+                             f"weight_scale_inv|input_scale|{'|'.join(INT4_NAMES)}}} with e < "
+                             f"{layer.num_experts}, or "
                              f"one of {sorted(WHOLE_LAYER_NAMES)}")
         suffix = INT4_NAMES.get(match[3], match[3])
         found = [(_own_param_name(layer, param_name[len("experts."):] + suffix), shard_id,
                   expert_id) for param_name, expert_id, shard_id in entries]
-    computed = found[0][0].endswith("input_scale")  # the layer computes its own
-    symmetric = relative.endswith(".qzeros")  # GPTQ's zero 8 of a symmetric checkpoint
-    if (computed or symmetric) and getattr(layer, found[0][0], None) is None:
+    # Dropped where the layer has no such parameter: input scales of dynamic
+    # activations (the layer computes its own), GPTQ's qzeros of a symmetric
+    # checkpoint (zero 8, which a layer without zero points takes).
+    optional = found[0][0].endswith("input_scale") or relative.endswith(".qzeros")
+    if optional and getattr(layer, found[0][0], None) is None:
         return []
     return found
 
@@ -334,6 +337,10 @@ def _check_dtype(layer, role, loaded, weight_name):
                              f"{dtype}, expected a float scale (float32, bfloat16, float16)"
                              + (", or e8m0 bytes (uint8)" if config is not None and
                                 config.weight_dtype == "mxfp4" else ""))
+    elif config is None and not dtype.is_floating_point:
+        raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype {dtype}: "
+                         "a 4-bit checkpoint needs FusedMoE(quant_config=...), e.g. the "
+                         "checkpoint's quantization_config")
     elif layer.quant_config is None and dtype.is_floating_point and dtype.itemsize == 1:
         raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype {dtype}: "
                          "an fp8 checkpoint needs FusedMoE(quant_config=...), e.g. the "
