@@ -84,7 +84,9 @@ class FusedMoE(torch.nn.Module):
     codes a byte), ``w13_weight_scale`` [E, 2I, H/g], ``w2_weight_scale``
     [E, H, I/g] (e8m0 uint8 for mxfp4, params_dtype for int4) and, for
     asymmetric int4, ``w13_weight_zero_point``/``w2_weight_zero_point`` (uint8,
-    the scales' shapes).
+    the scales' shapes). GPTQ, AWQ and compressed-tensors pack-quantized
+    checkpoints load into them per expert, repacked once (names in
+    fused_moe.shards); give the checkpoint's quantization_config.
 
     A float checkpoint loads into an FP8 or 4-bit layer quantized (online
     quantization). ``process_weights_after_loading`` turns the scales into
