@@ -135,8 +135,10 @@ struct Packed4Scales {
 
   FUSED_MOE_HD float scale_at(int64_t i) const {
     if (kind == Packed4::kMxfp4) {
-      const int x = static_cast<const uint8_t*>(scale)[i];
-      return x == 255 ? __builtin_nanf("") : ldexpf(1.0f, x - 127);
+      // 2^(x - 127) by its bits (x = 0: the subnormal 2^-127), exact and without ldexpf.
+      const uint32_t x = static_cast<const uint8_t*>(scale)[i];
+      if (x == 255) return __builtin_nanf("");
+      return bits_to_float(x == 0 ? 0x00400000u : x << 23);
     }
     switch (scale_dtype) {
       case ScalarType::Float: return static_cast<const float*>(scale)[i];
@@ -145,16 +147,32 @@ struct Packed4Scales {
     }
   }
 
-  // Element (n, k) of expert e, whose 4-bit code is `code`.
-  FUSED_MOE_HD float value(int64_t e, int64_t n, int64_t k, int code) const {
-    const int64_t i = e * expert_stride + n * row_stride + k / group;
+  // Group g (columns g * group ..) of row n of expert e: its scale and zero
+  // point, read once by kernels that decode a whole group (a 16-entry table).
+  FUSED_MOE_HD int64_t group_index(int64_t e, int64_t n, int64_t g) const {
+    return e * expert_stride + n * row_stride + g;
+  }
+  FUSED_MOE_HD float scale_of_group(int64_t e, int64_t n, int64_t g) const {
+    return scale_at(group_index(e, n, g));
+  }
+  FUSED_MOE_HD int zero_of_group(int64_t e, int64_t n, int64_t g) const {
+    return zero ? zero[group_index(e, n, g)] : 8;
+  }
+
+  // The value of `code` in a group of scale `s` and zero point `z` (z unused for mxfp4).
+  FUSED_MOE_HD float code_value(int code, float s, int z) const {
     if (kind == Packed4::kMxfp4) {
       constexpr float kE2m1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
       const float v = kE2m1[code & 7];
-      return (code & 8 ? -v : v) * scale_at(i);
+      return (code & 8 ? -v : v) * s;
     }
-    const int z = zero ? zero[i] : 8;
-    return static_cast<float>(code - z) * scale_at(i);
+    return static_cast<float>(code - z) * s;
+  }
+
+  // Element (n, k) of expert e, whose 4-bit code is `code`.
+  FUSED_MOE_HD float value(int64_t e, int64_t n, int64_t k, int code) const {
+    const int64_t g = k / group;
+    return code_value(code, scale_of_group(e, n, g), zero_of_group(e, n, g));
   }
 
   FUSED_MOE_HD static float bits_to_float(uint32_t bits) {

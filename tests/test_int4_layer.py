@@ -94,11 +94,6 @@ def test_mxfp4_swigluoai_interleaved():
     assert torch.equal(layer(x, logits), expected(layer, x, logits, w13, w2))
 
 
-def test_tensor_parallel_not_supported_yet():
-    with pytest.raises(NotImplementedError, match="tensor parallelism"):
-        FusedMoE(E, K, H, I, quant_config="mxfp4", tp_size=2, tp_rank=0)
-
-
 def test_gpt_oss_mxfp4_tensors_load_as_they_are():
     """gpt-oss's *_blocks [E, N, K/32, 16] and e8m0 *_scales, whole-layer, by load_weights."""
     w13, w2 = float_experts()

@@ -88,9 +88,12 @@ void dequantize_packed4_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t
     const uint8_t* row = q + r * ld;
     float* dst = out + r * cols;
     for (int64_t c0 = 0; c0 < cols; c0 += s.group) {
-      // A group shares its scale and zero point: the 16 values of its codes, once.
+      // A group shares its scale and zero point: read them once, then the 16 values of its codes.
+      const int64_t g = c0 / s.group;
+      const float scale = s.scale_of_group(expert, first_row + r, g);
+      const int zero = s.zero_of_group(expert, first_row + r, g);
       float values[16];
-      for (int code = 0; code < 16; ++code) values[code] = s.value(expert, first_row + r, c0, code);
+      for (int code = 0; code < 16; ++code) values[code] = s.code_value(code, scale, zero);
       const int64_t end = std::min(cols, c0 + s.group);
       for (int64_t c = c0; c < end; c += 2) {
         const uint8_t byte = row[c / 2];

@@ -78,12 +78,15 @@ class FusedMoE(torch.nn.Module):
       the forward uses the largest of each.
 
     4-bit experts (``quant_config`` "mxfp4", "int4-g32/g64/g128",
-    "int4-g128-asym", a 4-bit QuantConfig or checkpoint config; tp_size 1):
+    "int4-g128-asym", a 4-bit QuantConfig or checkpoint config; I/tp_size a
+    multiple of the group):
     ``w13_weight`` uint8 [E, 2I, H/2], ``w2_weight`` uint8 [E, H, I/2] (two
     codes a byte), ``w13_weight_scale`` [E, 2I, H/g], ``w2_weight_scale``
     [E, H, I/g] (e8m0 uint8 for mxfp4, params_dtype for int4) and, for
     asymmetric int4, ``w13_weight_zero_point``/``w2_weight_zero_point`` (uint8,
-    the scales' shapes).
+    the scales' shapes). GPTQ, AWQ and compressed-tensors pack-quantized
+    checkpoints load into them per expert, repacked once (names in
+    fused_moe.shards); give the checkpoint's quantization_config.
 
     A float checkpoint loads into an FP8 or 4-bit layer quantized (online
     quantization). ``process_weights_after_loading`` turns the scales into
@@ -198,6 +201,8 @@ class FusedMoE(torch.nn.Module):
     def _init_params(self, dtype, has_bias, device):
         if not dtype.is_floating_point:
             raise ValueError(f"params_dtype={dtype}: expected a floating dtype")
+        if self.quant_config is not None and self.quant_config.packed4:
+            shards.check_packed4_tp(self.quant_config, self.intermediate_size, self.tp_size)
         inter = self.intermediate_size // self.tp_size
         rows = 2 * inter if self.is_act_and_mul else inter
         e, h = self.local_num_experts, self.hidden_size
@@ -250,11 +255,8 @@ class FusedMoE(torch.nn.Module):
         1.0 to start) and, for asymmetric int4, zero points (8 to start),
         [E, N, K/group] each, with vLLM's names."""
         config = self.quant_config
-        if self.tp_size > 1:
-            raise NotImplementedError("FusedMoE: 4-bit weights under tensor parallelism are not "
-                                      "supported yet (tp_size=1, with expert parallelism, is)")
         e, h = self.local_num_experts, self.hidden_size
-        rows, inter = self.w13_weight.shape[1], self.intermediate_size
+        rows, inter = self.w13_weight.shape[1], self.intermediate_size // self.tp_size
         mx = config.weight_dtype == "mxfp4"
         dtype = torch.uint8 if mx else self.params_dtype
         one = 127 if mx else 1.0  # 2^(127 - 127)

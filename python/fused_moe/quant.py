@@ -50,6 +50,7 @@ ACTIVATION_SCHEMES = ("dynamic", "static")
 WEIGHT_DTYPES = ("fp8", "mxfp4", "int4")
 MXFP4_GROUP = 32
 E8M0_DTYPES = (torch.uint8, torch.float8_e8m0fnu)
+INT4_PACKINGS = (None, "gptq", "gptq_v2", "awq", "pack-quantized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,10 @@ class QuantConfig:
     weight_dtype "mxfp4" or "int4": 4-bit weight-only (``QuantConfig.mxfp4()``,
     ``QuantConfig.int4(group_size, symmetric)``): weight_scale "group",
     activation_scheme "none", ``group_size`` columns a scale (None: a whole
-    row), ``zero_point`` for asymmetric int4.
+    row), ``zero_point`` for asymmetric int4. ``packing``: how the checkpoint
+    packs int4 tensors ("gptq", "gptq_v2", "awq", "pack-quantized"; None for
+    a config not read from a checkpoint); it tells GPTQ's qzeros from AWQ's
+    (same shape, other order) and takes no part in comparisons.
     """
 
     weight_scale: str = "block"
@@ -76,6 +80,7 @@ class QuantConfig:
     weight_dtype: str = "fp8"
     group_size: int | None = None
     zero_point: bool = False
+    packing: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPES:
@@ -120,6 +125,9 @@ class QuantConfig:
         if g is not None and (not isinstance(g, int) or g < 2 or g % 2):
             raise ValueError(f"QuantConfig: int4 group_size must be a positive even int or None "
                              f"(a whole row), got {g!r}")
+        if self.packing not in INT4_PACKINGS:
+            raise ValueError(f"QuantConfig: packing must be one of {INT4_PACKINGS}, got "
+                             f"{self.packing!r}")
 
     @classmethod
     def mxfp4(cls) -> QuantConfig:
@@ -318,8 +326,9 @@ def _compressed_tensors_int4(name: str, group: dict, weights: dict, fmt) -> Quan
                                   f"{weights.get('actorder')!r} (activation order, g_idx) is not "
                                   "supported yet")
     size = weights.get("group_size") if strategy == "group" else None
-    return QuantConfig.int4(_group_size(size, f"{where}.weights.group_size"),
-                            bool(weights.get("symmetric", True)))
+    config = QuantConfig.int4(_group_size(size, f"{where}.weights.group_size"),
+                              bool(weights.get("symmetric", True)))
+    return dataclasses.replace(config, packing="pack-quantized")
 
 
 def _mxfp4_config(config: dict) -> QuantConfig:
@@ -351,8 +360,10 @@ def _gptq_config(config: dict) -> QuantConfig:
     if config.get("desc_act"):
         raise NotImplementedError("quantization_config: gptq desc_act=True (activation order: "
                                   "a g_idx permutation of the groups) is not supported yet")
-    return QuantConfig.int4(_group_size(config.get("group_size", 128), "group_size"),
-                            bool(config.get("sym", True)))
+    scheme = QuantConfig.int4(_group_size(config.get("group_size", 128), "group_size"),
+                              bool(config.get("sym", True)))
+    v2 = config.get("checkpoint_format") == "gptq_v2"
+    return dataclasses.replace(scheme, packing="gptq_v2" if v2 else "gptq")
 
 
 def _awq_config(config: dict) -> QuantConfig:
@@ -360,9 +371,14 @@ def _awq_config(config: dict) -> QuantConfig:
     points unless ``zero_point`` is false."""
     bits_key = "w_bit" if "w_bit" in config else "bits"
     _bits4(config, bits_key, "awq")
+    version = config.get("version", "gemm")
+    if str(version).lower() != "gemm":
+        raise NotImplementedError(f"quantization_config: awq version={version!r} is not "
+                                  "supported (expected 'gemm': qweight [K, N/8])")
     size = config.get("group_size", config.get("q_group_size", 128))
-    return QuantConfig.int4(_group_size(size, "group_size"),
-                            symmetric=not config.get("zero_point", True))
+    scheme = QuantConfig.int4(_group_size(size, "group_size"),
+                              symmetric=not config.get("zero_point", True))
+    return dataclasses.replace(scheme, packing="awq")
 
 
 def _fbgemm_fp8_config(config: dict) -> QuantConfig:
@@ -577,6 +593,86 @@ def _zero_points(zeros: torch.Tensor, name: str) -> torch.Tensor:
     return zeros.to(torch.uint8)
 
 
+def gptq_qweight(qweight: torch.Tensor) -> torch.Tensor:
+    """GPTQ's (and compressed-tensors' transposed) weight int32 [..., K/8, N],
+    8 codes along K a word (k = 8 r + i in nibble i) -> packed uint8 [..., N, K/2]."""
+    return pack_4bit(_int32_nibbles(qweight.mT))
+
+
+def gptq_qzeros(qzeros: torch.Tensor, v2: bool = False) -> torch.Tensor:
+    """GPTQ's zero points int32 [..., K/g, N/8], 8 along N a word, stored as
+    zero - 1 unless ``v2`` (checkpoint_format gptq_v2) -> uint8 [..., N, K/g]."""
+    zeros = _int32_nibbles(qzeros) + (0 if v2 else 1)
+    return _zero_points(zeros, "qzeros").mT.contiguous()
+
+
+def _awq_columns(t: torch.Tensor) -> torch.Tensor:
+    codes = _int32_nibbles(t)
+    return codes.view(*codes.shape[:-1], -1, 8)[..., list(AWQ_REVERSE_ORDER)].flatten(-2)
+
+
+def awq_qweight(qweight: torch.Tensor) -> torch.Tensor:
+    """AWQ's (GEMM) weight int32 [..., K, N/8], 8 along N a word in AWQ's
+    order -> packed uint8 [..., N, K/2]."""
+    return pack_4bit(_awq_columns(qweight).mT)
+
+
+def awq_qzeros(qzeros: torch.Tensor) -> torch.Tensor:
+    """AWQ's zero points int32 [..., K/g, N/8] in AWQ's order -> uint8 [..., N, K/g]."""
+    return _zero_points(_awq_columns(qzeros), "qzeros").mT.contiguous()
+
+
+def group_scales(scales: torch.Tensor) -> torch.Tensor:
+    """GPTQ's and AWQ's scales [..., K/g, N] -> [..., N, K/g]."""
+    return scales.mT.contiguous()
+
+
+def ct_weight_packed(weight_packed: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' weight_packed int32 [..., N, K/8], 8 codes along K
+    a word, each code the signed value + 8 -> packed uint8 [..., N, K/2]: the
+    same codes (zero point 8 when symmetric)."""
+    return pack_4bit(_int32_nibbles(weight_packed))
+
+
+def ct_weight_zero_point(zero_point: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' weight_zero_point int32 [..., N/8, K/g], packed along
+    N, each the signed zero point + 8 -> uint8 [..., N, K/g]: the zero of the
+    codes of ct_weight_packed."""
+    return _zero_points(_int32_nibbles(zero_point.mT), "weight_zero_point").mT.contiguous()
+
+
+def int4_checkpoint_tensor(name: str, tensor: torch.Tensor, packing: str | None) -> torch.Tensor:
+    """One int4 checkpoint tensor of a projection, ``name`` its last part
+    (qweight, qzeros, scales; weight_packed, weight_zero_point), in the layout
+    of the 4-bit op contract ([N, K/2] codes, [N, K/g] scales and zero
+    points). Tensors already in it (uint8 zero points, compressed-tensors'
+    [N, K/g] weight_scale) come back as they are."""
+    if name == "scales":
+        return group_scales(tensor)
+    if tensor.dtype != torch.int32:
+        return tensor
+    if name == "weight_packed":
+        return ct_weight_packed(tensor)
+    if name == "weight_zero_point":
+        return ct_weight_zero_point(tensor)
+    if packing not in ("gptq", "gptq_v2", "awq"):
+        raise ValueError(f"{name}: GPTQ's and AWQ's int32 {name} differ in packing, and "
+                         f"the layer's quant_config has packing={packing!r}: expected the "
+                         "checkpoint's quantization_config (quant_method gptq or awq)")
+    if packing == "awq":
+        return awq_qweight(tensor) if name == "qweight" else awq_qzeros(tensor)
+    return gptq_qweight(tensor) if name == "qweight" else gptq_qzeros(tensor, packing == "gptq_v2")
+
+
+def check_trivial_g_idx(g_idx: torch.Tensor, group: int, name: str) -> None:
+    """GPTQ's g_idx (group of each input column) must be k // group: activation
+    order (desc_act) permutes the columns, which the kernels do not do."""
+    expected = torch.arange(g_idx.numel(), device=g_idx.device) // group
+    if g_idx.dim() != 1 or not torch.equal(g_idx.long(), expected):
+        raise NotImplementedError(f"{name}: g_idx is not k // group_size ({group}): activation "
+                                  "order (desc_act) is not supported yet")
+
+
 def repack_gptq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None = None,
                 v2: bool = False):
     """One GPTQ projection (``qweight`` int32 [K/8, N], 8 codes along K a word,
@@ -584,11 +680,8 @@ def repack_gptq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tenso
     along N, stored as zero - 1 unless the checkpoint_format is ``gptq_v2``)
     -> (packed uint8 [N, K/2], scales [N, K/g], zero points uint8 [N, K/g]
     or None without qzeros: zero 8, symmetric). Once at load time."""
-    packed = pack_4bit(_int32_nibbles(qweight.mT))
-    if qzeros is None:
-        return packed, scales.mT.contiguous(), None
-    zeros = _int32_nibbles(qzeros) + (0 if v2 else 1)
-    return packed, scales.mT.contiguous(), _zero_points(zeros, "repack_gptq").mT.contiguous()
+    zeros = None if qzeros is None else gptq_qzeros(qzeros, v2)
+    return gptq_qweight(qweight), group_scales(scales), zeros
 
 
 def repack_awq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor):
@@ -596,11 +689,7 @@ def repack_awq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor
     int32 [K/g, N/8], 8 codes along N a word in AWQ's order; ``scales``
     [K/g, N]) -> (packed uint8 [N, K/2], scales [N, K/g], zero points uint8
     [N, K/g]). Once at load time."""
-    def columns(t):
-        codes = _int32_nibbles(t)
-        return codes.view(*codes.shape[:-1], -1, 8)[..., list(AWQ_REVERSE_ORDER)].flatten(-2)
-    zeros = _zero_points(columns(qzeros), "repack_awq")
-    return pack_4bit(columns(qweight).mT), scales.mT.contiguous(), zeros.mT.contiguous()
+    return awq_qweight(qweight), group_scales(scales), awq_qzeros(qzeros)
 
 
 def expand_weight_scale(scale: torch.Tensor, shape, block_shape=None) -> torch.Tensor:

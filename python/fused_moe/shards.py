@@ -27,12 +27,21 @@ element; w1's and w3's are one scale of the expert: the larger is kept, it
 never saturates). A float weight in an FP8 layer is quantized as it loads
 (online quantization, one expert at a time), then loaded like an fp8 one.
 
-4-bit layers (mxfp4, int4; tp_size 1 for now) quantize float weights the same
-way (scales ``weight_scale``, asymmetric int4 zero points
-``weight_zero_point``, [out, in/group]), or take packed uint8 weights [out,
-in/2] with their scales, as gpt-oss stores them whole: ``gate_up_proj_blocks``
-[E, 2I, H/32, 16], ``gate_up_proj_scales`` [E, 2I, H/32] (e8m0), and
-``down_proj_blocks`` / ``down_proj_scales``.
+4-bit layers (mxfp4, int4) quantize float weights the same way (scales
+``weight_scale``, asymmetric int4 zero points ``weight_zero_point``, [out,
+in/group]), or take packed uint8 weights [out, in/2] with their scales, as
+gpt-oss stores them whole: ``gate_up_proj_blocks`` [E, 2I, H/32, 16],
+``gate_up_proj_scales`` [E, 2I, H/32] (e8m0), and ``down_proj_blocks`` /
+``down_proj_scales``. int4 checkpoints load per expert under the names
+vLLM's MoE int4 paths read (``{e}.gate_proj.<name>``), each tensor turned
+into the layer's layout once, by fused_moe.quant.int4_checkpoint_tensor:
+GPTQ ``qweight`` int32 [in/8, out], ``scales`` [in/g, out], ``qzeros`` int32
+[in/g, out/8] and ``g_idx`` [in]; AWQ ``qweight`` [in, out/8], ``qzeros``,
+``scales``; compressed-tensors ``weight_packed`` int32 [out, in/8],
+``weight_scale`` [out, in/g], ``weight_zero_point`` int32 [out/8, in/g] and
+``weight_shape`` [2]. ``g_idx`` and ``weight_shape`` are checked, not kept;
+``qzeros`` of a symmetric layer are skipped (GPTQ writes them for every
+checkpoint: zero 8).
 
 Tensors are always the full, unsharded ones; each rank keeps its part: rows
 I*r/tp .. I*(r+1)/tp of gate and of up (a contiguous block of gate/up pairs
@@ -48,6 +57,11 @@ I/tp columns do not fill whole blocks (Qwen3-FP8 at tp 4: 192 of 128), the
 rank's scales take a finer grid, ``local_block_shape``: each fine block lies
 in one checkpoint block and takes its scale, so the weights are exactly the
 checkpoint's; activations are then quantized per that finer bk.
+
+4-bit weights shard the same way on their group grid: w13's rows with their
+scales and zero points, w2's K (packed two a byte) with its groups, so I/tp
+must be a multiple of the group and of 2 (``check_packed4_tp``); a group of
+a whole row (group_size None) keeps w2's scales whole.
 """
 
 from __future__ import annotations
@@ -58,7 +72,7 @@ import re
 import torch
 
 from .parallel import initial_physical_to_logical
-from .quant import FP8_DTYPE, quantize_weight
+from .quant import FP8_DTYPE, check_trivial_g_idx, int4_checkpoint_tensor, quantize_weight
 
 # Checkpoint names of (gate, down, up) per expert that loading recognises.
 PER_EXPERT_NAMES = (("w1", "w2", "w3"), ("gate_proj", "down_proj", "up_proj"))
@@ -82,6 +96,12 @@ WHOLE_LAYER_NAMES = {
 # Scale names after a weight's name (``{e}.w1.<name>``, ``w13_<name>``).
 SCALE_NAMES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point")
 WHOLE_LAYER_NAMES.update({f"{p}_{n}": (f"{p}_{n}", p) for p in ("w13", "w2") for n in SCALE_NAMES})
+# int4 checkpoints' per-expert tensor names -> the parameter suffix each loads into
+# (g_idx and weight_shape go to the weight, where they are checked and not kept).
+INT4_NAMES = {"qweight": "weight", "scales": "weight_scale", "qzeros": "weight_zero_point",
+              "g_idx": "weight", "weight_packed": "weight", "weight_g_idx": "weight",
+              "weight_shape": "weight", "weight_zero_point": "weight_zero_point"}
+_CHECKED_ONLY = ("g_idx", "weight_g_idx", "weight_shape")
 _WEIGHTS = ("w13_weight", "w2_weight")
 _SCALES = tuple(f"{p}_{n}" for p in ("w13", "w2") for n in SCALE_NAMES)
 _OWN_NAMES = ("w13_weight", "w2_weight", "w13_bias", "w2_bias") + _SCALES
@@ -143,7 +163,8 @@ def expert_checkpoint_names(num_experts: int, num_redundant_experts: int = 0
 
 
 
-_PER_EXPERT = re.compile(r"(\d+)\.(\w+)\.(weight_scale_inv|weight_scale|input_scale|weight|bias)")
+_PER_EXPERT = re.compile(r"(\d+)\.(\w+)\.(weight_scale_inv|weight_scale|input_scale|weight|bias|"
+                         + "|".join(INT4_NAMES) + ")")
 
 
 def targets(layer, relative: str, name: str) -> list[tuple[str, str, int | None]]:
@@ -160,11 +181,17 @@ def targets(layer, relative: str, name: str) -> list[tuple[str, str, int | None]
         if not entries:
             raise ValueError(f"{name}: not an expert tensor of FusedMoE: expected {{e}}.{{w1|w2|"
                              f"w3|gate_proj|up_proj|down_proj}}.{{weight|bias|weight_scale|"
-                             f"weight_scale_inv|input_scale}} with e < {layer.num_experts}, or "
+                             f"weight_scale_inv|input_scale|{'|'.join(INT4_NAMES)}}} with e < "
+                             f"{layer.num_experts}, or "
                              f"one of {sorted(WHOLE_LAYER_NAMES)}")
-        found = [(_own_param_name(layer, param_name[len("experts."):] + match[3]), shard_id,
+        suffix = INT4_NAMES.get(match[3], match[3])
+        found = [(_own_param_name(layer, param_name[len("experts."):] + suffix), shard_id,
                   expert_id) for param_name, expert_id, shard_id in entries]
-    if found[0][0].endswith("input_scale") and getattr(layer, found[0][0], None) is None:
+    # Dropped where the layer has no such parameter: input scales of dynamic
+    # activations (the layer computes its own), GPTQ's qzeros of a symmetric
+    # checkpoint (zero 8, which a layer without zero points takes).
+    optional = found[0][0].endswith("input_scale") or relative.endswith(".qzeros")
+    if optional and getattr(layer, found[0][0], None) is None:
         return []
     return found
 
@@ -193,6 +220,12 @@ def load_expert_weight(layer, param: torch.nn.Parameter, loaded_weight: torch.Te
     """
     role = _role(layer, param)
     _check_shard_id(role, shard_id)
+    kind = weight_name.rsplit(".", 1)[-1]
+    if kind in _CHECKED_ONLY:
+        _check_int4_metadata(layer, kind, loaded_weight, weight_name, shard_id)
+        return expert_id is None or _local_slot(layer, expert_id) is not None
+    if kind in INT4_NAMES and layer.quant_config is not None and layer.quant_config.packed4:
+        loaded_weight = int4_checkpoint_tensor(kind, loaded_weight, layer.quant_config.packing)
     if loaded_weight.dtype == torch.float8_e8m0fnu:  # the bytes, not their values
         loaded_weight = loaded_weight.view(torch.uint8)
     _check_dtype(layer, role, loaded_weight, weight_name)
@@ -238,6 +271,38 @@ def _quantize_and_copy(layer, role, slot, full, shard_id):
         _copy_into(layer, scale_role, slot, _fit_scale(t, (1,), shape), shard_id)
 
 
+def _check_int4_metadata(layer, kind, loaded, weight_name, shard_id):
+    """GPTQ's g_idx must be the trivial k // group; compressed-tensors'
+    weight_shape must be the projection's full [out, in]."""
+    out, k = _full_shape(layer, "w2_weight" if shard_id == "w2" else "w13_weight", shard_id)
+    if kind == "weight_shape":
+        if loaded.tolist() != [out, k]:
+            raise ValueError(f"FusedMoE.weight_loader: {weight_name} = {loaded.tolist()}, "
+                             f"expected [{out}, {k}] (shard_id={shard_id!r})")
+        return
+    config = layer.quant_config
+    if config is None or config.weight_dtype != "int4":
+        raise ValueError(f"FusedMoE.weight_loader: {weight_name} is a GPTQ tensor: expected an "
+                         f"int4 quant_config, got {config}")
+    if loaded.numel() != k:
+        raise ValueError(f"FusedMoE.weight_loader: {weight_name} has shape "
+                         f"{list(loaded.shape)}, expected [{k}] (shard_id={shard_id!r})")
+    check_trivial_g_idx(loaded, config.group_of(k), weight_name)
+
+
+def check_packed4_tp(config, intermediate_size: int, tp_size: int) -> None:
+    """4-bit weights shard w2's K (I) on group boundaries, two codes a byte:
+    I / tp_size must be a multiple of the group (unless a group is a whole row,
+    whose scale every shard keeps) and of 2."""
+    inter = intermediate_size // tp_size
+    group = config.group_size if tp_size > 1 else None
+    if inter % 2 or (group is not None and inter % group):
+        of = "2 (two codes a byte)" + (f" and of the group size {group}" if group else "")
+        raise ValueError(f"FusedMoE: {config.weight_dtype} weights with intermediate_size="
+                         f"{intermediate_size} and tp_size={tp_size}: expected intermediate_size"
+                         f" / tp_size = {intermediate_size / tp_size:g} to be a multiple of {of}")
+
+
 def _role(layer, param):
     for name in _OWN_NAMES:
         if getattr(layer, name, None) is param:
@@ -272,6 +337,10 @@ def _check_dtype(layer, role, loaded, weight_name):
                              f"{dtype}, expected a float scale (float32, bfloat16, float16)"
                              + (", or e8m0 bytes (uint8)" if config is not None and
                                 config.weight_dtype == "mxfp4" else ""))
+    elif config is None and not dtype.is_floating_point:
+        raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype {dtype}: "
+                         "a 4-bit checkpoint needs FusedMoE(quant_config=...), e.g. the "
+                         "checkpoint's quantization_config")
     elif layer.quant_config is None and dtype.is_floating_point and dtype.itemsize == 1:
         raise ValueError(f"FusedMoE.weight_loader: {weight_name} for {role} has dtype {dtype}: "
                          "an fp8 checkpoint needs FusedMoE(quant_config=...), e.g. the "
@@ -400,10 +469,15 @@ def _copy_scale(layer, dst, full, role, shard_id):
         dst.copy_(torch.maximum(dst, full.reshape(dst.shape)))
     elif role.endswith("weight_scale_inv"):
         _copy_block_scale(layer, dst, full, role, shard_id)
-    elif layer.quant_config.weight_scale in ("channel", "group"):
+    elif layer.quant_config.weight_scale == "channel" or \
+            (role.startswith("w13") and layer.quant_config.packed4):
         # Rows scaled like the weight's: w13's cut as its rows, w2's (hidden rows) whole.
         dst.copy_(full) if role.startswith("w2") else \
             _copy_shard(layer, dst, full, "w13_weight", shard_id)
+    elif layer.quant_config.packed4:
+        # w2's groups along K are cut like its K (on group boundaries: check_packed4_tp);
+        # one group a row is every shard's.
+        dst.copy_(full if layer.quant_config.group_size is None else _tp_slice(layer, full, 2))
     elif role.startswith("w2") or shard_id == "w13":
         dst.copy_(full.reshape(1, -1).expand(dst.shape) if dst.dim() == 2 else full)
     else:
