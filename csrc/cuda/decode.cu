@@ -242,20 +242,15 @@ __global__ void __launch_bounds__(kThreads, 2) down_kernel(DecodeParams p, int c
   T* act = reinterpret_cast<T*>(smem);
   const int64_t t = blockIdx.y, H = p.hidden, I = p.inter;
   const int K = p.topk, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int e = -1;
-  float weight = 1.0f;
-  if (lane < K) {
-    e = local_expert(p.topk_ids[t * K + lane], p.expert_map, p.num_experts, p.num_local_experts);
-    if (!p.weight_on_input) weight = p.topk_weights[t * K + lane];
-  }
-  const unsigned local = __ballot_sync(kFullMask, e >= 0);
-  const int slots = __popc(local), pairs = (slots + 1) / 2;
+  const TokenSlots ts = token_slots(p, t, lane);
+  const int e = ts.e, slots = ts.slots, ranked = ts.ranked, pairs = (slots + 1) / 2;
+  const float weight = ts.weight;
+  const unsigned local = ts.local;
   const int64_t first = (int64_t(blockIdx.x) * kWarps + warp) * cols_per_warp;
   const int cols = static_cast<int>(max(int64_t(0), min(int64_t(cols_per_warp), H - first)));
-  // Lane i holds the i-th local slot; job j is column first + j / pairs and
-  // the local slots 2i and 2i + 1 of i = j % pairs (the same one twice for a
-  // lone last slot, whose row is then streamed twice, from L2 the second time).
-  const int ranked = lane < slots ? __fns(local, 0, lane + 1) : 0;
+  // Job j is column first + j / pairs and the local slots 2i and 2i + 1 of
+  // i = j % pairs (the same one twice for a lone last slot, whose row is then
+  // streamed twice, from L2 the second time).
   auto slot = [&](int j, int r) {
     const int i = 2 * (j % pairs) + r;
     return __shfl_sync(kFullMask, ranked, i < slots ? i : i - 1);

@@ -47,6 +47,31 @@ __device__ __forceinline__ float rounded(float acc, const void* bias, int64_t i)
   return to_float(from_float<T>(acc + bias_of<T>(bias, i)));
 }
 
+// Token t's top-k slots as a warp of a down kernel holds them: lane k < K
+// has slot k's local expert (-1: another rank's) and router weight (1 when
+// it scaled the input instead); `local` has bit k set for local slots, and
+// lane i < slots holds `ranked`, the i-th of them.
+struct TokenSlots {
+  int e = -1;
+  float weight = 1.0f;
+  unsigned local = 0;
+  int slots = 0;
+  int ranked = 0;
+};
+
+__device__ __forceinline__ TokenSlots token_slots(const DecodeParams& p, int64_t t, int lane) {
+  TokenSlots s;
+  const int K = p.topk;
+  if (lane < K) {
+    s.e = local_expert(p.topk_ids[t * K + lane], p.expert_map, p.num_experts, p.num_local_experts);
+    if (!p.weight_on_input) s.weight = p.topk_weights[t * K + lane];
+  }
+  s.local = __ballot_sync(kFullMask, s.e >= 0);
+  s.slots = __popc(s.local);
+  s.ranked = lane < s.slots ? __fns(s.local, 0, lane + 1) : 0;
+  return s;
+}
+
 // Launches `kernel` with `smem` bytes of dynamic shared memory, opting in
 // past the default 48 KiB.
 template <typename Kernel>

@@ -77,12 +77,19 @@ struct Stage {
 //   dot_of(i, dot): fills the Dot of dot product i
 //   stage():        stages the vectors; called once by every warp (it may
 //                   sync the block) after the first weight loads are issued
-//   done(i, s0, s1): the partial sums of rows g and g + 8 (meaningful where
-//                   q = 0; zeros for an empty share)
-template <typename DotOf, typename Staging, typename Done>
-__device__ __forceinline__ void stream_mma(int dots, int begin, int end, int chunks, Runs runs,
-                                           DotOf dot_of, Staging stage, Done done) {
-  const int lane = threadIdx.x % 32, q = lane % 4;
+// The warp's partial sums of dot product i go to partial[i][warp][16]
+// (zeros for an empty share), for the block to add them up (sum_of_warps)
+// after a __syncthreads.
+template <typename DotOf, typename Staging>
+__device__ __forceinline__ void stream_mma(int dots, int begin, int end, Runs runs, DotOf dot_of,
+                                           Staging stage, float* partial) {
+  const int lane = threadIdx.x % 32, q = lane % 4, warp = threadIdx.x / 32;
+  // Lanes with q = 0 hold the sums of rows g (c0) and g + 8 (c2).
+  auto done = [&](int i, float s0, float s1) {
+    if (q != 0) return;
+    float* mine = partial + (i * kWarps + warp) * 16;
+    mine[lane / 4] = s0, mine[lane / 4 + 8] = s1;
+  };
   const int per_dot = (end - begin + kStageChunks - 1) / kStageChunks, steps = dots * per_dot;
   // Scales are applied where a run ends, and at the end of the share.
   auto run_ends = [&](int c) { return ((c + 1) & runs.run_mask) == 0 || c + 1 == end; };
@@ -139,7 +146,13 @@ __device__ __forceinline__ void stream_mma(int dots, int begin, int end, int chu
     if (step + 2 < steps) load(a, step + 2);
     consume(b, step + 1);
   }
-  (void)chunks;
+}
+
+// Row r (< 16) of dot product i, added over the block's warps in warp order.
+__device__ __forceinline__ float sum_of_warps(const float* partial, int i, int r) {
+  float sum = 0.0f;
+  for (int w = 0; w < kWarps; ++w) sum += partial[(i * kWarps + w) * 16 + r];
+  return sum;
 }
 
 // Warp w's share of `chunks` chunks: a contiguous eighth.
@@ -240,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_up_kernel(DecodeParams p, int
   const Runs runs = runs_of(p.w13_scale, group, H);
   const int chunks = H / kChunk;
   stream_mma(
-      jobs, share_begin(chunks, warp), share_begin(chunks, warp + 1), chunks, runs,
+      jobs, share_begin(chunks, warp), share_begin(chunks, warp + 1), runs,
       [&](int i, Dot& d) {
         for (int r = 0; r < 2; ++r) {
           const int row = row_of(i, g + 8 * r);
@@ -256,18 +269,12 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_up_kernel(DecodeParams p, int
                         [&](int, T v) { return to_float(from_float<T>(to_float(v) * weight)); });
         __syncthreads();
       },
-      [&](int i, float s0, float s1) {
-        if (lane % 4 != 0) return;
-        float* mine = partial + (i * kWarps + warp) * 16;
-        mine[g] = s0, mine[g + 8] = s1;
-      });
+      partial);
   __syncthreads();
   // Warp i finishes job i: lane r < 16 sums row r over the warps.
   const int i = warp;
   if (i >= jobs) return;
-  float sum = 0.0f;
-  if (lane < 16)
-    for (int w = 0; w < kWarps; ++w) sum += partial[(i * kWarps + w) * 16 + lane];
+  const float sum = lane < 16 ? sum_of_warps(partial, i, lane) : 0.0f;
   const void* bias = p.w13_bias;
   const int64_t b = int64_t(e) * n13;
   const float y = rounded<T>(sum, bias, b + row_of(i, lane % 16));
@@ -291,16 +298,10 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_down_kernel(DecodeParams p, i
   const int t = blockIdx.y, H = int(p.hidden), I = int(p.inter), K = p.topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const int group = act_cols(p, I), groups = (I + group - 1) / group;
-  int e = -1;
-  float weight = 1.0f;
-  if (lane < K) {
-    e = local_expert(p.topk_ids[t * K + lane], p.expert_map, p.num_experts, p.num_local_experts);
-    if (!p.weight_on_input) weight = p.topk_weights[t * K + lane];
-  }
-  const unsigned local = __ballot_sync(kFullMask, e >= 0);
-  const int slots = __popc(local);
-  // Lane i holds the i-th local slot.
-  const int ranked = lane < slots ? __fns(local, 0, lane + 1) : 0;
+  const TokenSlots ts = token_slots(p, t, lane);
+  const int e = ts.e, slots = ts.slots, ranked = ts.ranked;
+  const float weight = ts.weight;
+  const unsigned local = ts.local;
   const int first = blockIdx.x * jobs_per_block * 16;
   const int jobs = max(0, min(jobs_per_block, (H - first + 15) / 16));
   float* partial = reinterpret_cast<float*>(smem);  // [jobs * K][kWarps][16]
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_down_kernel(DecodeParams p, i
   const int chunks = I / kChunk;
   auto slot_of = [&](int d) { return __shfl_sync(kFullMask, ranked, d % max(slots, 1)); };
   stream_mma(
-      jobs * slots, share_begin(chunks, warp), share_begin(chunks, warp + 1), chunks, runs,
+      jobs * slots, share_begin(chunks, warp), share_begin(chunks, warp + 1), runs,
       [&](int d, Dot& dot) {
         const int k = slot_of(d), ek = __shfl_sync(kFullMask, e, k);
         for (int r = 0; r < 2; ++r) {
@@ -328,11 +329,7 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_down_kernel(DecodeParams p, i
                         [](int, T v) { return to_float(v); });
         __syncthreads();
       },
-      [&](int d, float s0, float s1) {
-        if (lane % 4 != 0) return;
-        float* mine = partial + (d * kWarps + warp) * 16;
-        mine[g] = s0, mine[g + 8] = s1;
-      });
+      partial);
   __syncthreads();
   // Warp j finishes column group j: lane c < 16 column first + 16 j + c.
   for (int j = warp; j < jobs; j += kWarps) {
@@ -341,8 +338,7 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_down_kernel(DecodeParams p, i
     for (int i = 0; i < slots; ++i) {
       const int k = __shfl_sync(kFullMask, ranked, i), ek = __shfl_sync(kFullMask, e, k);
       const float w = __shfl_sync(kFullMask, weight, k);
-      float sum = 0.0f;
-      for (int v = 0; v < kWarps; ++v) sum += partial[((j * slots + i) * kWarps + v) * 16 + lane % 16];
+      const float sum = sum_of_warps(partial, j * slots + i, lane % 16);
       out = __fadd_rn(out, __fmul_rn(w, rounded<T>(sum, p.w2_bias, int64_t(ek) * H + col)));
     }
     if (lane < 16 && first + 16 * j + lane < H)
