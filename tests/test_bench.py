@@ -261,15 +261,20 @@ def test_cli_quant_flags_are_checked(capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bench_moe_checks_its_flags():
+def run_bench_moe(*argv):
+    """benchmarks/bench_moe.py in a fresh interpreter that imports this fused_moe."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(fused_moe.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bench_moe_checks_its_flags():
     for argv, message in ((["--impls", "scaled_grouped_mm"], "needs an FP8 scheme"),
                           (["--quant", "fp8-block", "--impls", "vllm"], "unknown implementations"),
                           (["--quant", "fp8-blocks"], "invalid choice")):
-        result = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True,
-                                text=True, timeout=120)
+        result = run_bench_moe(*argv)
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
@@ -489,13 +494,7 @@ def test_cli_4bit_flags_are_checked(capsys):
 
 
 def test_bench_moe_takes_the_4bit_schemes():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(fused_moe.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-
-    def run(*argv):
-        return subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True,
-                              text=True, timeout=120)
+    run = run_bench_moe
     for argv, message in ((["--quant", "mxfp4", "--impls", "scaled_grouped_mm"], "no torch peer"),
                           (["--impls", "fused_moe-fp8"], "needs a 4-bit scheme"),
                           (["--quant", "int4-g256"], "invalid choice")):

@@ -264,11 +264,16 @@ def test_fp8_cuda_graph_replay(scheme):
     x = torch.randn(40, 256, dtype=torch.bfloat16, device="cuda")
     tw, ti = random_routing(40, 8, 2, device="cuda")
     fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)  # warm up outside the capture
+    check_replay_with_new_inputs(x, tw, ti, q13, q2, kw)
+
+
+def check_replay_with_new_inputs(x, tw, ti, q13, q2, kw):
+    """fused_experts captured on (x, tw, ti) replays with fresh values in them."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
     x2 = torch.randn_like(x)
-    tw2, ti2 = random_routing(40, 8, 2, device="cuda")
+    tw2, ti2 = random_routing(x.shape[0], q13.shape[0], tw.shape[1], device="cuda")
     x.copy_(x2), tw.copy_(tw2), ti.copy_(ti2)
     graph.replay()
     assert torch.equal(out, fused_moe.fused_experts(x2, q13, q2, tw2, ti2, **kw))
@@ -464,11 +469,4 @@ def test_fp8_decode_is_the_default_for_one_token_and_replays():
     tw, ti = random_routing(1, 8, 2, device="cuda")
     assert any("fp8_up_kernel" in n for n in cuda_kernels_run(
         lambda: fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fused_moe.fused_experts(x, q13, q2, tw, ti, **kw)
-    x2 = torch.randn_like(x)
-    tw2, ti2 = random_routing(1, 8, 2, device="cuda")
-    x.copy_(x2), tw.copy_(tw2), ti.copy_(ti2)
-    graph.replay()
-    assert torch.equal(out, fused_moe.fused_experts(x2, q13, q2, tw2, ti2, **kw))
+    check_replay_with_new_inputs(x, tw, ti, q13, q2, kw)
