@@ -209,6 +209,8 @@ struct GroupedGemmParams {
   int64_t n = 0;                         // N
   int64_t k = 0;                         // K
   int num_experts = 0;                   // E
+  bool zero_tail = true;                 // false: rows >= off[E] left alone (a call on the
+                                         // first experts of a larger one)
 };
 
 struct ActivationParams {

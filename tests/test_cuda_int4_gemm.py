@@ -6,8 +6,8 @@ value = (code - z) * s per group of g columns, z the zero point (8 without
 zero points). Partial row and column tiles, empty experts, rows past
 offsets[E], K = 2880 (gpt-oss), groups that do not fill a 16-code pack, K not
 a multiple of the K tile, unaligned pointers; the default dispatch, the
-fallback forced, and (on sm_90) a 16-bit sm90 configuration forced, which
-4-bit weights must not take."""
+fallback forced, each tile of the tensor-core kernel forced, and (on sm_90) a
+16-bit sm90 configuration forced, which 4-bit weights must not take."""
 
 import pytest
 import torch
@@ -34,7 +34,13 @@ def _sm90_16bit_configs():
     return [n for n in names if not n.startswith(("fp8_", "rowcol_"))][:1]
 
 
-CONFIGS = ["default", "fallback"] + _sm90_16bit_configs()
+# The tensor-core kernel's tiles (w4_mma.cu), each forced: kTok rows of one
+# expert a block.
+W4_TILES = ["w4_tok8", "w4_tok16", "w4_tok32", "w4_tok64"]
+# On sm_90: weights dequantized to 16 bits a few experts at a time, then the
+# sm90 16-bit kernels (the path of many rows per expert).
+W4_DEQUANT = ["w4_dequant"] if ON_SM90 else []
+CONFIGS = ["default", "fallback"] + W4_TILES + W4_DEQUANT + _sm90_16bit_configs()
 
 # e2m1: sign in bit 3, magnitudes of codes 0..7.
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
@@ -156,6 +162,23 @@ def test_matches_reference(scheme, dtype, n, k, counts, config, monkeypatch):
     for b in (None, bias):
         out = run(a, packed, offsets, b, scale, zp)
         check(out, a, packed, offsets, b, scale, zp, group, f"{config}, bias={b is not None}")
+
+
+@pytest.mark.skipif(not ON_SM90, reason="the dequantized path is sm_90's")
+@pytest.mark.parametrize("scheme", ["mxfp4", "int4-g64-asym"])
+def test_dequantized_one_expert_a_step(scheme, monkeypatch):
+    """A workspace of one expert: each step multiplies one expert's rows, and
+    only the last zeroes the rows past offsets[E]; rows of every expert
+    survive the later steps."""
+    use_config(monkeypatch, "w4_dequant")
+    monkeypatch.setenv("FUSED_MOE_W4_DEQUANT_BYTES", "1")
+    counts = [40, 0, 300, 7, 129]
+    packed, scale, zp, group = quantized_weights(scheme, len(counts), 256, 512)
+    offsets = offsets_of(counts)
+    a = torch.randn(int(offsets[-1]) + 5, 512, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(len(counts), 256, device="cuda").to(torch.bfloat16)
+    out = run(a, packed, offsets, bias, scale, zp)
+    check(out, a, packed, offsets, bias, scale, zp, group, "one expert a step")
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])

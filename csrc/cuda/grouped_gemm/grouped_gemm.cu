@@ -2,15 +2,21 @@
 // applies (Hopper, bf16/fp16 out, N and K multiples of 8, 16-byte aligned;
 // FP8 with 128-wide row scales and 128x128 weight blocks, or with a scaled per
 // row or per tensor and w per channel or per expert), else the portable
-// fallback kernel. 4-bit weights (mxfp4, int4) always take the fallback: no
-// sm90 configuration reads them.
+// fallback kernel. 4-bit weights (mxfp4, int4) take the tensor-core kernel
+// of w4_mma.cu where it applies, else the fallback: no sm90 configuration
+// reads them. Past kDequantRows rows per expert on Hopper, they are instead
+// dequantized to 16 bits, a few experts at a time into a bounded workspace,
+// and multiplied by the sm90 16-bit configurations: at that depth the
+// products cost more than the weight bytes, and the sm90 kernels run them
+// faster than mma.sync does.
 //
-// FUSED_MOE_GEMM_CONFIG=<name> forces a configuration: "fallback" or a built
-// row of configs.cmake (tests and benchmarks use it). It is read on every call
+// FUSED_MOE_GEMM_CONFIG=<name> forces a configuration: "fallback", a built
+// row of configs.cmake, a 4-bit tile w4_tok<8|16|32|64>, or w4_dequant
+// (tests and benchmarks use it). It is read on every call
 // (getenv is cheap) so it can change at run time. A forced sm90 configuration
 // runs the calls of its input kind (16-bit, FP8 block or FP8 row/col scales)
 // where the sm90 path applies, the fallback where it does not; the other kinds
-// keep their heuristics (4-bit weights: the fallback).
+// keep their heuristics.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -29,6 +35,11 @@ namespace fused_moe::cuda {
 
 // sm80_fallback.cu: any dtype, shape and alignment, on any arch >= sm_80.
 void grouped_gemm_fallback(const GroupedGemmParams& p, cudaStream_t stream);
+// w4_mma.cu: 4-bit weights on the tensor cores; tok 0 picks the tile.
+bool w4_mma_fits(const GroupedGemmParams& p);
+int w4_forced_tile(const char* name);
+void grouped_gemm_w4(const GroupedGemmParams& p, int tok, cudaStream_t stream);
+void dequantize_w4(const GroupedGemmParams& p, int e0, int count, void* out, cudaStream_t stream);
 
 namespace {
 
@@ -39,6 +50,7 @@ const char* forced_config() {
 }
 
 bool is_fallback(const char* name) { return std::strcmp(name, "fallback") == 0; }
+bool is_dequant(const char* name) { return std::strcmp(name, "w4_dequant") == 0; }
 
 // sm_90a code runs on compute capability 9.0 only.
 bool is_sm90(const DeviceInfo& d) { return d.major == 9 && d.minor == 0; }
@@ -158,8 +170,8 @@ const sm90::Config* nearest_built(const char* name) {
 
 // The forced configuration, or null when none is forced or it is "fallback".
 const sm90::Config* forced_sm90(const char* forced) {
-  if (!forced || is_fallback(forced)) return nullptr;
-  std::string names = "fallback";
+  if (!forced || is_fallback(forced) || w4_forced_tile(forced) || is_dequant(forced)) return nullptr;
+  std::string names = "fallback, w4_tok8, w4_tok16, w4_tok32, w4_tok64, w4_dequant";
   for (const sm90::Entry& e : sm90::kTable) {
     if (!e.config) continue;
     if (std::strcmp(e.name, forced) == 0) return e.config;
@@ -191,11 +203,94 @@ size_t sm90_workspace_bytes(const GroupedGemmParams& p, sm90::Inputs kind, int s
   return bytes;
 }
 
+// ---- 4-bit weights dequantized for the sm90 16-bit kernels -----------------
+
+// From rows per expert on: past ~128, the tensor-core 4-bit kernel runs at
+// about a third of the sm90 16-bit kernels' rate, and dequantizing an
+// expert's weights costs about what ~190 rows of its products do (H200,
+// benchmarks/RESULTS.md, "4-bit experts").
+constexpr double kDequantRows = 128;
+// Workspace for the dequantized experts of one step (at least one expert);
+// FUSED_MOE_W4_DEQUANT_BYTES overrides it (tests: one expert a step).
+size_t dequant_budget() {
+  const char* bytes = std::getenv("FUSED_MOE_W4_DEQUANT_BYTES");
+  return bytes && *bytes ? std::strtoull(bytes, nullptr, 10) : size_t(256) << 20;
+}
+
+size_t dequant_expert_bytes(const GroupedGemmParams& p) { return size_t(p.n) * p.k * 2; }
+
+int dequant_chunk(const GroupedGemmParams& p) {
+  const size_t fit = dequant_budget() / dequant_expert_bytes(p);
+  return static_cast<int>(std::clamp<size_t>(fit, 1, size_t(p.num_experts)));
+}
+
+// The 16-bit call on experts [e0, e0 + count) of p, their weights at w16.
+GroupedGemmParams dequant_slice(const GroupedGemmParams& p, int e0, int count, const void* w16) {
+  GroupedGemmParams q = p;
+  q.w4 = Packed4Scales{};
+  q.w = w16;
+  q.w_row_stride = p.k;
+  q.w_expert_stride = p.n * p.k;
+  q.expert_offsets = p.expert_offsets + e0;
+  q.num_experts = count;
+  if (p.bias) q.bias = static_cast<const char*>(p.bias) + size_t(e0) * p.n * 2;
+  q.zero_tail = e0 + count == p.num_experts;
+  return q;
+}
+
+// The configuration a slice runs, chosen on its share of the rows.
+const sm90::Config* dequant_config(const GroupedGemmParams& q, int64_t rows_share,
+                                   const DeviceInfo& d) {
+  GroupedGemmParams h = q;
+  h.rows = rows_share;
+  return nearest_built(heuristic(h, d));
+}
+
+// The sm90 configuration that would run the dequantized slices, or null
+// when this call stays 4-bit.
+const sm90::Config* dequant_path(const GroupedGemmParams& p, const DeviceInfo& d) {
+  if (p.w4.kind == Packed4::kNone || !w4_mma_fits(p)) return nullptr;
+  const char* forced = forced_config();
+  const bool force = forced && is_dequant(forced);
+  if (forced && !force) return nullptr;
+  if (!force && double(p.rows) / p.num_experts < kDequantRows) return nullptr;
+  // Any 256-byte aligned address stands for the workspace in the check.
+  const GroupedGemmParams q = dequant_slice(p, 0, dequant_chunk(p), reinterpret_cast<void*>(256));
+  if (!sm90_applies(q, d)) return nullptr;
+  return dequant_config(q, p.rows * q.num_experts / p.num_experts, d);
+}
+
+size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+size_t dequant_workspace_bytes(const GroupedGemmParams& p, const DeviceInfo& d) {
+  const int chunk = dequant_chunk(p);
+  const GroupedGemmParams q = dequant_slice(p, 0, chunk, reinterpret_cast<void*>(256));
+  return align256(sm90_workspace_bytes(q, sm90::Inputs::k16bit, d.sm_count)) + chunk * dequant_expert_bytes(p);
+}
+
+// Step by step: dequantize `chunk` experts, multiply their rows; only the
+// last step zeroes the rows past off[E] (earlier ones would zero rows a later
+// step writes).
+void run_dequantized(const GroupedGemmParams& p, void* workspace, const DeviceInfo& d,
+                     cudaStream_t stream) {
+  const int chunk = dequant_chunk(p);
+  char* w16 = static_cast<char*>(workspace) +
+              align256(sm90_workspace_bytes(dequant_slice(p, 0, chunk, workspace), sm90::Inputs::k16bit,
+                                         d.sm_count));
+  for (int e0 = 0; e0 < p.num_experts; e0 += chunk) {
+    const int count = std::min(chunk, p.num_experts - e0);
+    dequantize_w4(p, e0, count, w16, stream);
+    const GroupedGemmParams q = dequant_slice(p, e0, count, w16);
+    dequant_config(q, p.rows * count / p.num_experts, d)->run(q, workspace, d.sm_count, stream);
+  }
+}
+
 }  // namespace
 
 size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p) {
   if (p.rows == 0 || p.n == 0) return 0;
   const DeviceInfo& d = device_info();
+  if (dequant_path(p, d)) return dequant_workspace_bytes(p, d);
   const sm90::Config* config = choose(p, d);
   return config ? sm90_workspace_bytes(p, config->inputs, d.sm_count) : 0;  // fallback: none
 }
@@ -203,7 +298,11 @@ size_t grouped_gemm_workspace_bytes(const GroupedGemmParams& p) {
 void grouped_gemm(const GroupedGemmParams& p, void* workspace, cudaStream_t stream) {
   if (p.rows == 0 || p.n == 0) return;
   const DeviceInfo& d = device_info();
+  if (dequant_path(p, d)) return run_dequantized(p, workspace, d, stream);
   if (const sm90::Config* config = choose(p, d)) return config->run(p, workspace, d.sm_count, stream);
+  const char* forced = forced_config();
+  if (p.w4.kind != Packed4::kNone && !(forced && is_fallback(forced)) && w4_mma_fits(p))
+    return grouped_gemm_w4(p, w4_forced_tile(forced), stream);
   grouped_gemm_fallback(p, stream);
 }
 

@@ -6,9 +6,7 @@
 // 4-bit weight tiles (mxfp4, int4) are dequantized to the activations' type
 // the same way (fp32 activations: fp32 FMAs, as the fp32 path).
 //
-// Tiles are numbered expert by expert (ceil(rows_e / kBM) per expert), then
-// the rows past off[E]; each block finds its tile from expert_offsets on the
-// device, so a tile never straddles two experts and nothing syncs with the host.
+// A block's rows are a tile of one expert (tiles.cuh).
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -21,6 +19,7 @@
 #include <cutlass/half.h>
 
 #include "cuda/common.cuh"
+#include "cuda/grouped_gemm/tiles.cuh"
 
 namespace fused_moe::cuda {
 namespace {
@@ -57,66 +56,6 @@ struct Mma<float> {
   using Tiled = decltype(make_tiled_mma(UniversalFMA<float, float, float, float>{},
                                         Layout<Shape<_16, _8, _1>>{}));
 };
-
-// expert >= 0: rows [row0, row0 + rows) of that expert; -1: rows past off[E]
-// to zero; -2: no work (the grid is sized for the worst case).
-struct Tile {
-  int expert;
-  int64_t row0;
-  int rows;
-};
-
-// Rows [begin, end) of expert e, offsets clamped to [0, rows] and made
-// non-decreasing per expert: bad offsets (checked only on the CPU) can give
-// wrong rows but never an access out of bounds.
-__device__ int64_t clamped(const int32_t* off, int i, int64_t lo, int64_t rows) {
-  return min(max(int64_t(off[i]), lo), rows);
-}
-
-// Tile number t -> Tile. Each thread counts the tiles of a contiguous range of
-// experts; a block-wide prefix sum then tells which thread's range holds t.
-__device__ Tile find_tile(const int32_t* off, int num_experts, int64_t rows, int64_t t) {
-  __shared__ int64_t prefix[kThreads];
-  __shared__ Tile found;
-  const int tid = threadIdx.x;
-  const int per_thread = (num_experts + kThreads - 1) / kThreads;
-  const int e_begin = min(num_experts, tid * per_thread);
-  const int e_end = min(num_experts, e_begin + per_thread);
-  auto tiles_of = [&](int e, int64_t begin) {
-    return (clamped(off, e + 1, begin, rows) - begin + kBM - 1) / kBM;
-  };
-  int64_t count = 0;
-  for (int e = e_begin; e < e_end; ++e) count += tiles_of(e, clamped(off, e, 0, rows));
-  prefix[tid] = count;
-  if (tid == 0) found = Tile{-2, 0, 0};
-  __syncthreads();
-  for (int d = 1; d < kThreads; d *= 2) {  // inclusive scan
-    const int64_t add = tid >= d ? prefix[tid - d] : 0;
-    __syncthreads();
-    prefix[tid] += add;
-    __syncthreads();
-  }
-  int64_t first = prefix[tid] - count;
-  if (t >= first && t < prefix[tid]) {
-    for (int e = e_begin; e < e_end; ++e) {
-      const int64_t begin = clamped(off, e, 0, rows);
-      const int64_t tiles = tiles_of(e, begin);
-      if (t < first + tiles) {
-        const int64_t row0 = begin + (t - first) * kBM;
-        found = Tile{e, row0, int(min(int64_t(kBM), clamped(off, e + 1, begin, rows) - row0))};
-        break;
-      }
-      first += tiles;
-    }
-  }
-  const int64_t gemm_tiles = prefix[kThreads - 1];
-  if (tid == 0 && t >= gemm_tiles) {
-    const int64_t row0 = clamped(off, num_experts, 0, rows) + (t - gemm_tiles) * kBM;
-    if (row0 < rows) found = Tile{-1, row0, int(min(int64_t(kBM), rows - row0))};
-  }
-  __syncthreads();
-  return found;
-}
 
 // smem[r][c] = src[r][k0 + c] for r < kRows, c < kBK (src rows `ld` apart);
 // zero outside rows x k.
@@ -232,19 +171,14 @@ __device__ void load_tile_w4(T* smem, const uint8_t* src, int64_t ld, int rows, 
 // T: of the MMA (and of a, w unless e4m3 or 4-bit); O: of out and bias.
 template <class T, class O, Inputs kIn>
 __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(GroupedGemmParams p, bool vectors) {
-  const Tile tile = find_tile(p.expert_offsets, p.num_experts, p.rows, blockIdx.x);
+  const tiles::Tile tile =
+      tiles::find_tile<kBM, kThreads>(p.expert_offsets, p.num_experts, p.rows, blockIdx.x);
   if (tile.expert == -2) return;
   const int64_t n = p.n, k = p.k;
   const int64_t n0 = int64_t(blockIdx.y) * kBN;
   O* out = static_cast<O*>(p.out) + tile.row0 * n;
 
-  if (tile.expert == -1) {
-    for (int i = threadIdx.x; i < tile.rows * kBN; i += kThreads) {
-      const int64_t col = n0 + i % kBN;
-      if (col < n) out[i / kBN * n + col] = O(0.0f);
-    }
-    return;
-  }
+  if (tile.expert == -1) return tiles::zero_rows(out, n, tile.rows, n0, kBN);
 
   __shared__ alignas(16) T smem_a[kBM * kLd<T>];
   __shared__ alignas(16) T smem_b[kBN * kLd<T>];
@@ -309,8 +243,7 @@ void launch(const GroupedGemmParams& p, cudaStream_t stream) {
     vectors = p.k % vec == 0 && aligned16(p.a) && aligned16(p.w) && p.a_stride % vec == 0 &&
               p.w_expert_stride % vec == 0 && p.w_row_stride % vec == 0;
   }
-  // sum_e ceil(rows_e / kBM) + ceil(tail / kBM) <= R / kBM + E + 1 tiles.
-  const dim3 grid(static_cast<unsigned>(p.rows / kBM + p.num_experts + 1),
+  const dim3 grid(grid_size(tiles::worst_case_tiles(p.rows, p.num_experts, kBM), "grouped_gemm"),
                   static_cast<unsigned>((p.n + kBN - 1) / kBN));
   grouped_gemm_kernel<T, O, kIn><<<grid, kThreads, 0, stream>>>(p, vectors);
 }

@@ -347,7 +347,7 @@ __global__ void build_groups(typename G::Groups g, GroupedGemmParams p) {
     }
   }
   if constexpr (G::kFp8Block) order_scales(g, p, first, step);
-  const int64_t tail = min(max(int64_t(off[num_groups]), int64_t(0)), rows);
+  const int64_t tail = p.zero_tail ? min(max(int64_t(off[num_groups]), int64_t(0)), rows) : rows;
   for (int64_t i = tail * n / kVec<Element> + first; i < rows * n / kVec<Element>; i += step) {
     reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
   }
