@@ -36,10 +36,11 @@ def layer4(e, h, i, name, device, dtype=torch.bfloat16, bias=False):
     return moe, q13["w"], q2["w"], kw
 
 
-def identity_gemm(w, scale, zp=None):
-    """The op's dequantized w [1, N, K] read back exactly: I_K times w[0]^T in fp32."""
+def identity_gemm(w, scale, zp=None, dtype=torch.float32):
+    """The op's dequantized w [1, N, K] read back exactly: I_K times w[0]^T,
+    in dtype (16-bit: the weights as the op rounds them to it)."""
     k = 2 * w.shape[2]
-    a = torch.eye(k, dtype=torch.float32, device=w.device)
+    a = torch.eye(k, dtype=dtype, device=w.device)
     off = torch.tensor([0, k], dtype=torch.int32, device=w.device)
     return fused_moe.grouped_gemm(a, w, off, w_scale=scale, w_zp=zp).T
 
@@ -101,6 +102,34 @@ def test_int4_every_code(device, scale_dtype, with_zp):
     assert torch.equal(got.cpu(), expected.float()), "op's int4 values differ from (c - z) * s"
     for name, d in all_dequantizers(w, scale, zp).items():
         assert torch.equal(d[0], expected), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", ["mxfp4", "int4", "int4-zp"])
+@pytest.mark.parametrize("group", [32, 64])
+def test_16bit_activations_see_weights_rounded_to_their_type(device, dtype, scheme, group):
+    """bf16/fp16 activations multiply the weights rounded once to their type
+    (the value in fp32, then to dtype), every code, groups of whole 32-code
+    vectors (the CPU's vector decoder) and scales of the activations' type."""
+    if scheme == "mxfp4" and group != 32:
+        pytest.skip("mxfp4 groups are 32")
+    rows, k = 16, 128
+    w, codes = every_code(rows, k // 16)
+    groups = k // group
+    if scheme == "mxfp4":
+        scale = torch.randint(110, 136, (1, rows, groups), dtype=torch.uint8)
+        value = torch.tensor(E2M1, dtype=torch.float64)[codes] \
+            * torch.pow(2.0, scale.double() - 127).repeat_interleave(group, -1)[0]
+        zp = None
+    else:
+        scale = (torch.rand(1, rows, groups) + 0.1).to(dtype)
+        zp = torch.randint(0, 16, (1, rows, groups), dtype=torch.uint8) if scheme == "int4-zp" else None
+        zero = zp.double().repeat_interleave(group, -1)[0] if zp is not None else 8.0
+        value = (codes.double() - zero) * scale.double().repeat_interleave(group, -1)[0]
+    got = identity_gemm(w.to(device), scale.to(device), None if zp is None else zp.to(device), dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got.cpu(), value.float().to(dtype)), f"{scheme} g{group}: not rounded once"
 
 
 # --- quantize_weight / dequantize_weight -----------------------------------------------

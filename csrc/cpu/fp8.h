@@ -29,9 +29,10 @@ void dequantize_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols, c
                      int64_t expert, int64_t first_row, float* out);
 
 // The same for rows of 4-bit weights, q [rows, cols/2] bytes (ld bytes apart):
-// out[r][c] = s.value(expert, first_row + r, c, code of c).
+// out[r][c] = s.value(expert, first_row + r, c, code of c), rounded to O
+// (float, or the 16-bit type of the activations, as the GPU rounds them).
+template <typename O>
 void dequantize_packed4_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols,
-                             const Packed4Scales& s, int64_t expert, int64_t first_row,
-                             float* out);
+                             const Packed4Scales& s, int64_t expert, int64_t first_row, O* out);
 
 }  // namespace fused_moe::cpu

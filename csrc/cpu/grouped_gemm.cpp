@@ -1,6 +1,7 @@
 // Grouped GEMM over expert-sorted rows on the CPU: out[r] = w[e] a[r] + bias[e].
 #include <algorithm>
-#include <vector>
+#include <memory>
+#include <type_traits>
 
 #include "cpu/fp8.h"
 #include "cpu/gemm.h"
@@ -8,26 +9,27 @@
 namespace fused_moe::cpu {
 namespace {
 
-// Quantized operands: each expert's rows and weights dequantized to floats
-// (the rows all at once, the weights one expert at a time), then the float
-// tiles. rows_to_float(first, count, out) and weights_to_float(e, first,
-// count, out) write `count` rows of K floats.
+// FP8 operands: each expert's rows and weights dequantized to floats (the
+// rows all at once, the weights one expert at a time), then the float tiles.
+// rows_to_float(first, count, out) and weights_to_float(e, first, count, out)
+// write `count` rows of K floats.
 template <typename T, typename Rows, typename Weights>
 void dequantized_grouped_gemm(const GroupedGemmParams& p, T* out, const Rows& rows_to_float,
                               const Weights& weights_to_float) {
   const int64_t used = p.expert_offsets[p.num_experts];
-  std::vector<float> rows(used * p.k), weights(p.n * p.k);
+  // Default-initialised: every element is written before it is read.
+  const std::unique_ptr<float[]> rows(new float[used * p.k]), weights(new float[p.n * p.k]);
   parallel_rows(used, 16, [&](int64_t b, int64_t e) {
-    rows_to_float(b, e - b, rows.data() + b * p.k);
+    rows_to_float(b, e - b, rows.get() + b * p.k);
   });
   for (int e = 0; e < p.num_experts; ++e) {
     const int32_t begin = p.expert_offsets[e], count = p.expert_offsets[e + 1] - begin;
     if (count == 0) continue;
     parallel_rows(p.n, 16, [&](int64_t b, int64_t end) {
-      weights_to_float(e, b, end - b, weights.data() + b * p.k);
+      weights_to_float(e, b, end - b, weights.get() + b * p.k);
     });
     const int32_t offsets[2] = {0, count};
-    const GemmShape g = plain_gemm(rows.data() + begin * p.k, weights.data(), p.n, p.k, offsets, 1);
+    const GemmShape g = plain_gemm(rows.get() + begin * p.k, weights.get(), p.n, p.k, offsets, 1);
     const T* bias = p.bias ? static_cast<const T*>(p.bias) + e * p.n : nullptr;
     grouped_gemm_store<T, float>(g, bias, out + begin * p.n);
   }
@@ -49,21 +51,28 @@ void fp8_grouped_gemm(const GroupedGemmParams& p, T* out) {
       });
 }
 
-// 4-bit weights (weight-only): the rows of T widened, the weights decoded.
+// 4-bit weights (weight-only): each expert's weights decoded to T (as the
+// GPU rounds them), then T's own tiles on the rows read in place: the 16-bit
+// types keep their bf16 dot products and packed panels.
 template <typename T>
 void packed4_grouped_gemm(const GroupedGemmParams& p, T* out) {
   const T* a = static_cast<const T*>(p.a);
   const auto* w = static_cast<const uint8_t*>(p.w);
-  dequantized_grouped_gemm<T>(
-      p, out,
-      [&](int64_t first, int64_t count, float* dst) {
-        for (int64_t r = 0; r < count; ++r)
-          widen_row(a + (first + r) * p.a_stride, p.k, dst + r * p.k);
-      },
-      [&](int e, int64_t first, int64_t count, float* dst) {
-        dequantize_packed4_rows(w + e * p.w_expert_stride + first * p.w_row_stride,
-                                p.w_row_stride, count, p.k, p.w4, e, first, dst);
-      });
+  // Default-initialised: every element is decoded before it is read.
+  const std::unique_ptr<T[]> weights(new T[p.n * p.k]);
+  for (int e = 0; e < p.num_experts; ++e) {
+    const int32_t begin = p.expert_offsets[e], count = p.expert_offsets[e + 1] - begin;
+    if (count == 0) continue;
+    parallel_rows(p.n, 16, [&](int64_t b, int64_t end) {
+      dequantize_packed4_rows(w + e * p.w_expert_stride + b * p.w_row_stride, p.w_row_stride,
+                              end - b, p.k, p.w4, e, b, weights.get() + b * p.k);
+    });
+    const int32_t offsets[2] = {0, count};
+    GemmShape g = plain_gemm(a + begin * p.a_stride, weights.get(), p.n, p.k, offsets, 1);
+    g.a_stride = p.a_stride;
+    const T* bias = p.bias ? static_cast<const T*>(p.bias) + e * p.n : nullptr;
+    grouped_gemm_store<T>(g, bias, out + begin * p.n);
+  }
 }
 
 }  // namespace
@@ -75,7 +84,7 @@ void grouped_gemm(const GroupedGemmParams& p) {
     if (p.fp8) {
       fp8_grouped_gemm<T>(p, out);
     } else if (p.w4.kind != Packed4::kNone) {
-      packed4_grouped_gemm<T>(p, out);
+      if constexpr (!std::is_same_v<T, double>) packed4_grouped_gemm<T>(p, out);  // never double
     } else {
       GemmShape g = plain_gemm(p.a, p.w, p.n, p.k, p.expert_offsets, p.num_experts);
       g.a_stride = p.a_stride;

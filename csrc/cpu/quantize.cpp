@@ -2,10 +2,12 @@
 // CPU's quantized GEMMs read through (cpu/fp8.h): FP8 rows, 4-bit weights.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"
 #include "cpu/fp8.h"
+#include "cpu/gemm.h"
 
 namespace fused_moe::cpu {
 namespace {
@@ -81,19 +83,50 @@ void dequantize_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols, c
   }
 }
 
+namespace {
+
+// Rows through the tile table's decode4 (16-bit O, groups of whole 32-code
+// vectors): the group scales and zero points of a row gathered first.
+template <typename O>
+bool decode4_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols,
+                  const Packed4Scales& s, int64_t expert, int64_t first_row, O* out) {
+  if constexpr (std::is_same_v<O, float>) {
+    return false;
+  } else {
+    const auto decode = tile_kernels().decode4[elem_of<O>()];
+    if (!decode || s.group % 32 != 0 || cols % s.group != 0) return false;
+    const bool mx = s.kind == Packed4::kMxfp4;
+    float base[16];
+    for (int code = 0; code < 16; ++code) base[code] = mx ? s.code_value(code, 1.0f, 0) : float(code);
+    const int64_t groups = cols / s.group;
+    std::vector<float> scales(groups), zeros(groups);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        scales[g] = s.scale_of_group(expert, first_row + r, g);
+        zeros[g] = mx ? 0.0f : float(s.zero_of_group(expert, first_row + r, g));
+      }
+      decode(q + r * ld, groups, s.group, base, scales.data(), zeros.data(), out + r * cols);
+    }
+    return true;
+  }
+}
+
+}  // namespace
+
+template <typename O>
 void dequantize_packed4_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols,
-                             const Packed4Scales& s, int64_t expert, int64_t first_row,
-                             float* out) {
+                             const Packed4Scales& s, int64_t expert, int64_t first_row, O* out) {
+  if (decode4_rows(q, ld, rows, cols, s, expert, first_row, out)) return;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = q + r * ld;
-    float* dst = out + r * cols;
+    O* dst = out + r * cols;
     for (int64_t c0 = 0; c0 < cols; c0 += s.group) {
       // A group shares its scale and zero point: read them once, then the 16 values of its codes.
       const int64_t g = c0 / s.group;
       const float scale = s.scale_of_group(expert, first_row + r, g);
       const int zero = s.zero_of_group(expert, first_row + r, g);
-      float values[16];
-      for (int code = 0; code < 16; ++code) values[code] = s.code_value(code, scale, zero);
+      O values[16];
+      for (int code = 0; code < 16; ++code) values[code] = O(s.code_value(code, scale, zero));
       const int64_t end = std::min(cols, c0 + s.group);
       for (int64_t c = c0; c < end; c += 2) {
         const uint8_t byte = row[c / 2];
@@ -103,5 +136,12 @@ void dequantize_packed4_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t
     }
   }
 }
+
+template void dequantize_packed4_rows<float>(const uint8_t*, int64_t, int64_t, int64_t,
+                                            const Packed4Scales&, int64_t, int64_t, float*);
+template void dequantize_packed4_rows<BFloat16>(const uint8_t*, int64_t, int64_t, int64_t,
+                                               const Packed4Scales&, int64_t, int64_t, BFloat16*);
+template void dequantize_packed4_rows<Half>(const uint8_t*, int64_t, int64_t, int64_t,
+                                           const Packed4Scales&, int64_t, int64_t, Half*);
 
 }  // namespace fused_moe::cpu

@@ -89,6 +89,13 @@ struct TileKernels {
   void (*pack[kNumElems])(const void* const* w, int n_w, int64_t k, void* panel);
   void (*packed_dot[kNumElems])(const void* const* a, int n_a, const void* panel, int64_t k,
                                 float* c, int ldc, Prefetch& ahead);
+  // 4-bit weights to a 16-bit elem (nullptr: none, the caller decodes):
+  // decode4[elem](q, groups, group, base, scales, zeros, out) sets element c
+  // of group g of a row to (base[code] - zeros[g]) * scales[g] rounded to
+  // elem, for groups of `group` columns (a multiple of 32); q holds two codes
+  // a byte, the even column in the low nibble.
+  void (*decode4[kNumElems])(const uint8_t* q, int64_t groups, int64_t group, const float* base,
+                             const float* scales, const float* zeros, void* out);
 };
 
 // The tables of the x86 files, nullptr where the build is not for x86; the

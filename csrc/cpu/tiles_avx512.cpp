@@ -290,6 +290,35 @@ void dot(const void* const* a, int n_a, const void* const* w, int n_w, int64_t k
 }
 static_assert(kRows == 6, "dot covers 1..6 rows");
 
+// 4-bit codes through a table of 16 elements a group: each 16 bytes (32
+// codes) widened to dwords, low nibble in the low word, high nibble in the
+// high word, then one word permute of the group's table.
+template <bool kBF16>
+void decode4(const uint8_t* q, int64_t groups, int64_t group, const float* base,
+             const float* scales, const float* zeros, void* out) {
+  const __m512 codes = _mm512_loadu_ps(base);
+  const __m512i lo = _mm512_set1_epi32(0x0f), hi = _mm512_set1_epi32(0xf0);
+  auto* o = static_cast<uint16_t*>(out);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(zeros[g])),
+                                   _mm512_set1_ps(scales[g]));
+    __m256i half;
+    if constexpr (kBF16) {
+      const __m256bh h = _mm512_cvtneps_pbh(f);
+      std::memcpy(&half, &h, sizeof(half));
+    } else {
+      half = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    const __m512i table = _mm512_zextsi256_si512(half);
+    for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c / 2)));
+      const __m512i idx = _mm512_or_si512(_mm512_and_si512(d, lo),
+                                          _mm512_slli_epi32(_mm512_and_si512(d, hi), 12));
+      _mm512_storeu_si512(o + c, _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+}
+
 const TileKernels kTiles = {
     "avx512",
     kRows,
@@ -300,6 +329,7 @@ const TileKernels kTiles = {
     kPackRows,
     {pack<4>, pack<2>, nullptr},  // fp16 weights keep to dot (they would need widening)
     {packed_dot<F32>, packed_dot<BF16>, nullptr},
+    {nullptr, decode4<true>, decode4<false>},
 };
 
 }  // namespace
