@@ -2,6 +2,8 @@
 // kernel parameters and run the CPU or CUDA kernel of the inputs' device.
 #include "ops.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include <torch/csrc/stable/accelerator.h>
@@ -558,6 +560,63 @@ FusedFp8 fused_fp8(const char* op, bool fp8, const OptTensor& w13_scale, const O
 
 }  // namespace
 
+// The composed chain of fused_experts (permute, grouped GEMM, activation,
+// grouped GEMM, unpermute) on a run of tokens, each intermediate released as
+// soon as the next step has read it: the caching allocator then gives its
+// memory to the step after, so a call's peak is two intermediates, not four.
+struct Chain {
+  const std::string& activation_name;
+  bool is_act_and_mul, on_input, fp8;
+  ScalarType dtype;
+  const FusedFp8& quant;
+  const OptInts& block_shape;
+  int64_t e_local;
+  const OptTensor& expert_map;
+  const Tensor &w13, &w2;
+  const OptTensor &w13_s, &w2_s, &w13_z, &w2_z, &a13_s, &a2_s, &w13_bias, &w2_bias;
+
+  // FP8: each GEMM's input quantized as the scheme says; 4-bit weights: their
+  // scales and zero points (none for float weights).
+  Tensor gemm(Tensor& x, const Tensor& offsets, const Tensor& w, const OptTensor& w_scale,
+              const OptTensor& w_zp, const OptTensor& static_scale, const OptTensor& bias) const {
+    if (!fp8) {
+      Tensor y = grouped_gemm(x, w, offsets, bias, {}, w_scale, {}, {}, w_zp);
+      x = Tensor();
+      return y;
+    }
+    auto [q, scales] = quantize_fp8(x, quant.group_size, static_scale);
+    x = Tensor();
+    return grouped_gemm(q, w, offsets, bias, scales, w_scale, block_shape, dtype, {});
+  }
+
+  Tensor operator()(Tensor x, Tensor topk_weights, Tensor topk_ids) const {
+    // The router weight scales either the gathered input rows or the expert outputs.
+    OptTensor weights_in, weights_out;
+    (on_input ? weights_in : weights_out) = topk_weights;
+    auto [rows, offsets, inv] = permute(x, topk_ids, e_local, expert_map, weights_in);
+    Tensor h13 = gemm(rows, offsets, w13, w13_s, w13_z, a13_s, w13_bias);
+    Tensor act = activation(h13, activation_name, is_act_and_mul);
+    h13 = Tensor();
+    Tensor y = gemm(act, offsets, w2, w2_s, w2_z, a2_s, w2_bias);
+    return unpermute(y, inv, weights_out);
+  }
+};
+
+// Tokens a run of the chain takes: past them, fused_experts runs the chain
+// on runs of this many tokens, so that its intermediates stay within a
+// budget for any batch: FUSED_MOE_CHAIN_BYTES (default 2 GiB, and never
+// fewer than 8192 tokens a run, so no batch up to 8192 is split) over the
+// bytes a token's top-k rows hold at the chain's peak (a step's input and
+// output intermediates).
+int64_t chain_tokens(int64_t topk, int64_t h, int64_t n13, int64_t inter, int64_t element) {
+  const char* env = std::getenv("FUSED_MOE_CHAIN_BYTES");
+  const bool set = env && *env;
+  const int64_t budget = set ? std::max<int64_t>(1, std::atoll(env)) : int64_t(2) << 30;
+  const int64_t per_token = topk * element * std::max({h + n13, n13 + inter, inter + h});
+  const int64_t tokens = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_token));
+  return set ? tokens : std::max<int64_t>(8192, tokens);
+}
+
 Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights,
                      Tensor topk_ids, std::string activation_name, bool is_act_and_mul,
                      OptTensor w13_bias, OptTensor w2_bias, OptTensor expert_map,
@@ -693,22 +752,21 @@ Tensor fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_we
     }
   }
 
-  // The router weight scales either the gathered input rows or the expert outputs.
-  OptTensor on_input, on_output;
-  (apply_router_weight_on_input ? on_input : on_output) = topk_weights;
-  auto [rows, offsets, inv] = permute(hidden_states, topk_ids, e_local, expert_map, on_input);
-  // FP8: each GEMM's input quantized as the scheme says (a no-op otherwise).
-  // 4-bit weights: their scales and zero points (none for float weights).
-  auto gemm = [&](const Tensor& x, const Tensor& w, const OptTensor& w_scale,
-                  const OptTensor& w_zp, const OptTensor& static_scale, const OptTensor& bias) {
-    if (!fp8) return grouped_gemm(x, w, offsets, bias, {}, w_scale, {}, {}, w_zp);
-    auto [q, scales] = quantize_fp8(x, quant.group_size, static_scale);
-    return grouped_gemm(q, w, offsets, bias, scales, w_scale, block_shape, dtype, {});
-  };
-  Tensor h13 = gemm(rows, w13, w13_s, w13_z, a13_s, w13_bias);
-  Tensor act = activation(h13, activation_name, is_act_and_mul);
-  Tensor y = gemm(act, w2, w2_s, w2_z, a2_s, w2_bias);
-  return unpermute(y, inv, on_output);
+  const Chain chain{activation_name, is_act_and_mul, apply_router_weight_on_input, fp8, dtype,
+                    quant, block_shape, e_local, expert_map, w13, w2, w13_s, w2_s, w13_z, w2_z,
+                    a13_s, a2_s, w13_bias, w2_bias};
+  const int64_t n13 = w13.size(1);
+  const int64_t chunk = chain_tokens(topk_ids.size(1), h, n13, inter, hidden_states.element_size());
+  if (m <= chunk) return chain(hidden_states, topk_weights, topk_ids);
+  Tensor out = alloc(hidden_states, {m, h});
+  for (int64_t t0 = 0; t0 < m; t0 += chunk) {
+    const int64_t n = std::min(chunk, m - t0);
+    Tensor rows = torch::stable::narrow(out, 0, t0, n);
+    torch::stable::copy_(rows, chain(torch::stable::narrow(hidden_states, 0, t0, n),
+                                     torch::stable::narrow(topk_weights, 0, t0, n),
+                                     torch::stable::narrow(topk_ids, 0, t0, n)));
+  }
+  return out;
 }
 
 }  // namespace fused_moe

@@ -268,6 +268,29 @@ def test_fused_experts_matches_reference(device, name, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["mxfp4", "int4-g32"])
+def test_fused_experts_in_runs_of_tokens(device, name, monkeypatch):
+    """Past FUSED_MOE_CHAIN_BYTES the chain runs on runs of tokens (here 7 of
+    33: a partial last run), each run's rows copied into the output once:
+    the same result, and one copy a run where the profiler sees them."""
+    h, i = DIMS[name]
+    moe, w13, w2, kw = layer4(6, h, i, name, device, bias=True)
+    m, topk = 33, 2
+    x = torch.randn(m, h, device=device, dtype=torch.bfloat16)
+    tw, ti = random_routing(m, 6, topk, device=device)
+    whole = fused_moe.fused_experts(x, w13, w2, tw, ti, **kw)
+    per_token = topk * 2 * max(h + 2 * i, 3 * i, i + h)  # bf16 bytes at the chain's peak
+    monkeypatch.setenv("FUSED_MOE_CHAIN_BYTES", str(7 * per_token))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        runs = fused_moe.fused_experts(x, w13, w2, tw, ti, **kw)
+    copies = sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+    assert copies == 5, f"expected 5 runs of at most 7 tokens, saw {copies} copies"
+    ref = reference.fused_experts(x, w13, w2, tw, ti, **kw)
+    assert rel_err(runs, ref) <= EXPERTS_TOL
+    assert rel_err(runs, whole) <= 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["mxfp4", "int4-g128-asym"])
 def test_router_weight_on_input_and_fp32(device, name):
     h, i = DIMS[name]
