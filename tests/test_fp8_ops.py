@@ -100,6 +100,27 @@ def test_grouped_gemm_fp8(device, scheme, act_group, e, n, k, rows, out_dtype):
     assert rel_err(out, ref) <= GEMM_TOL
 
 
+def test_cpu_fp8_weights_every_code():
+    """Every e4m3fn code as the CPU GEMM reads it: an identity of rows times
+    weights of every code gives code value * scale in float32, bit for bit
+    (the vector and scalar decoders alike), and NaN for 0x7f and 0xff."""
+    k, scale = 128, 0.37
+    codes = torch.arange(256, dtype=torch.int32)
+    finite = codes[(codes & 0x7F) != 0x7F]  # 254 codes
+    rows = torch.zeros(3, k, dtype=torch.int32)
+    rows[0], rows[1, :126] = finite[:128], finite[128:]
+    rows[2, 0::2], rows[2, 1::2] = 0x7F, 0xFF
+    w = rows.to(torch.uint8).view(FP8)[None]
+    a = torch.eye(k).to(FP8)
+    off = torch.tensor([0, k], dtype=torch.int32)
+    w_scale = torch.full((1, 1, 1), scale)
+    a_scale = torch.ones(k, 1)
+    out = fused_moe.grouped_gemm(a, w, off, None, a_scale, w_scale, (128, 128), torch.float32).T
+    expected = rows[:2].to(torch.uint8).view(FP8).float() * torch.tensor(scale)
+    assert torch.equal(out[:2], expected)
+    assert out[2].isnan().all()
+
+
 # --- fused_experts ------------------------------------------------------------------
 
 

@@ -72,13 +72,18 @@ void quantize_fp8(const QuantizeParams& p) {
 
 void dequantize_rows(const uint8_t* q, int64_t ld, int64_t rows, int64_t cols, const ScaleGrid& s,
                      int64_t expert, int64_t first_row, float* out) {
+  const auto decode = tile_kernels().decode_fp8;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = q + r * ld;
     float* dst = out + r * cols;
     for (int64_t c0 = 0; c0 < cols; c0 += s.cols_per) {
       const float scale = s.at(expert, first_row + r, c0);
       const int64_t end = std::min(cols, c0 + s.cols_per);
-      for (int64_t c = c0; c < end; ++c) dst[c] = fp8_to_float(row[c]) * scale;
+      if (decode) {
+        decode(row + c0, end - c0, scale, dst + c0);
+      } else {
+        for (int64_t c = c0; c < end; ++c) dst[c] = fp8_to_float(row[c]) * scale;
+      }
     }
   }
 }

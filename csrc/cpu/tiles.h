@@ -96,6 +96,9 @@ struct TileKernels {
   // a byte, the even column in the low nibble.
   void (*decode4[kNumElems])(const uint8_t* q, int64_t groups, int64_t group, const float* base,
                              const float* scales, const float* zeros, void* out);
+  // e4m3fn to floats (nullptr: none): out[i] = value(q[i]) * scale for i < n,
+  // the same floats as the scalar conversion times the scale.
+  void (*decode_fp8)(const uint8_t* q, int64_t n, float scale, float* out);
 };
 
 // The tables of the x86 files, nullptr where the build is not for x86; the

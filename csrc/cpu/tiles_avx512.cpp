@@ -319,6 +319,25 @@ void decode4(const uint8_t* q, int64_t groups, int64_t group, const float* base,
   }
 }
 
+// e4m3fn through fp16: its bits shifted into fp16's are the value times
+// 2^-8 exactly (subnormals too), then widened and scaled by 256 (exact) and
+// the scale; 0x7f and 0xff are e4m3fn's NaN.
+void decode_fp8(const uint8_t* q, int64_t n, float scale, float* out) {
+  const __m512 by256 = _mm512_set1_ps(256.0f), s = _mm512_set1_ps(scale);
+  const __m256i magnitude = _mm256_set1_epi16(0x7f), sign = _mm256_set1_epi16(0x80);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = first16(n - i);
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(in, q + i));
+    const __m256i m = _mm256_and_si256(b, magnitude);
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(m, 7),
+                                      _mm256_slli_epi16(_mm256_and_si256(b, sign), 8));
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtph_ps(h), by256), s);
+    const __mmask16 nan = _mm256_cmpeq_epi16_mask(m, magnitude);
+    v = _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(__builtin_nanf("")));
+    _mm512_mask_storeu_ps(out + i, in, v);
+  }
+}
+
 const TileKernels kTiles = {
     "avx512",
     kRows,
@@ -330,6 +349,7 @@ const TileKernels kTiles = {
     {pack<4>, pack<2>, nullptr},  // fp16 weights keep to dot (they would need widening)
     {packed_dot<F32>, packed_dot<BF16>, nullptr},
     {nullptr, decode4<true>, decode4<false>},
+    decode_fp8,
 };
 
 }  // namespace
