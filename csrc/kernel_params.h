@@ -133,19 +133,29 @@ struct Packed4Scales {
   int64_t row_stride = 0;                 // K / group
   int64_t expert_stride = 0;              // N * K / group
 
-  FUSED_MOE_HD float scale_at(int64_t i) const {
+  // Scale i as stored: the e8m0 byte, or the float32/bfloat16/float16 bits. A
+  // load only, so kernels can keep it in flight and convert it later.
+  FUSED_MOE_HD uint32_t scale_bits_at(int64_t i) const {
+    if (kind == Packed4::kMxfp4) return static_cast<const uint8_t*>(scale)[i];
+    if (scale_dtype == ScalarType::Float) return static_cast<const uint32_t*>(scale)[i];
+    return static_cast<const uint16_t*>(scale)[i];
+  }
+
+  // The scale of stored bits x (scale_bits_at).
+  FUSED_MOE_HD float scale_of_bits(uint32_t x) const {
     if (kind == Packed4::kMxfp4) {
       // 2^(x - 127) by its bits (x = 0: the subnormal 2^-127), exact and without ldexpf.
-      const uint32_t x = static_cast<const uint8_t*>(scale)[i];
       if (x == 255) return __builtin_nanf("");
       return bits_to_float(x == 0 ? 0x00400000u : x << 23);
     }
     switch (scale_dtype) {
-      case ScalarType::Float: return static_cast<const float*>(scale)[i];
-      case ScalarType::BFloat16: return bits_to_float(uint32_t(static_cast<const uint16_t*>(scale)[i]) << 16);
-      default: return half_to_float(static_cast<const uint16_t*>(scale)[i]);
+      case ScalarType::Float: return bits_to_float(x);
+      case ScalarType::BFloat16: return bits_to_float(x << 16);
+      default: return half_to_float(static_cast<uint16_t>(x));
     }
   }
+
+  FUSED_MOE_HD float scale_at(int64_t i) const { return scale_of_bits(scale_bits_at(i)); }
 
   // Group g (columns g * group ..) of row n of expert e: its scale and zero
   // point, read once by kernels that decode a whole group (a 16-entry table).

@@ -236,15 +236,21 @@ def test_cpu_fp8_point(scheme):
     assert bench.format_summary(rows).startswith(f"tiny M=5 bf16 {scheme}: fused_moe ")
 
 
-@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
-def test_cli_quant_writes_json(tmp_path, capsys, monkeypatch, scheme):
+def cli_quant_rows(tmp_path, monkeypatch, scheme, *flags):
+    """The result rows of the CLI's --quant scheme run with --json, after
+    checking the record names the scheme and the command line."""
     out = tmp_path / "bench.json"
-    argv = [*TINY_ARGS, "--quant", scheme, "--rounds", "2", "--json", str(out)]
+    argv = [*TINY_ARGS, "--quant", scheme, *flags, "--json", str(out)]
     monkeypatch.setattr(sys, "argv", ["fused_moe", *argv])  # the record's command line
     assert cli_main(argv) == 0
     record = json.loads(out.read_text())
     assert record["quant"] == scheme and record["command"] == " ".join(["python -m fused_moe", *argv])
-    rows = record["results"]
+    return record["results"]
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "fp8-tensor"])
+def test_cli_quant_writes_json(tmp_path, capsys, monkeypatch, scheme):
+    rows = cli_quant_rows(tmp_path, monkeypatch, scheme, "--rounds", "2")
     assert [(r["M"], r["impl"]) for r in rows] == [
         (m, impl) for m in (1, 5) for impl in bench.QUANT_IMPLS_CPU]
     assert all(r["ok"] and r["us"] > 0 and r["dtype"] == "bf16" for r in rows)
@@ -466,13 +472,7 @@ def test_fused_moe_gets_the_4bit_contract_kwargs(monkeypatch, scheme):
 
 @pytest.mark.parametrize("scheme", ["mxfp4", "int4-g128"])
 def test_cli_4bit_writes_json(tmp_path, capsys, monkeypatch, scheme):
-    out = tmp_path / "bench.json"
-    argv = [*TINY_ARGS, "--quant", scheme, "--json", str(out)]
-    monkeypatch.setattr(sys, "argv", ["fused_moe", *argv])  # the record's command line
-    assert cli_main(argv) == 0
-    record = json.loads(out.read_text())
-    assert record["quant"] == scheme and record["command"] == " ".join(["python -m fused_moe", *argv])
-    rows = record["results"]
+    rows = cli_quant_rows(tmp_path, monkeypatch, scheme)
     assert [(r["M"], r["impl"]) for r in rows] == [
         (m, impl) for m in (1, 5) for impl in bench.QUANT4_IMPLS_CPU]
     assert all(r["ok"] and r["us"] > 0 and r["dtype"] == "bf16" for r in rows)

@@ -160,13 +160,7 @@ __device__ __forceinline__ void stream_dots(int jobs, int packs, int lane, Rows 
   Stage<T> a, b;
   if (steps > 0) load(a, 0);
   stage();
-  for (int step = 0; step < steps; step += 2) {
-    if (step + 1 < steps) load(b, step + 1);
-    consume(a, step);
-    if (step + 1 >= steps) break;
-    if (step + 2 < steps) load(a, step + 2);
-    consume(b, step + 1);
-  }
+  two_stages(steps, a, b, load, consume);
 }
 
 // Block (x, s): output columns [x * kWarps * J * C, +kWarps * J * C) of

@@ -72,6 +72,21 @@ __device__ __forceinline__ TokenSlots token_slots(const DecodeParams& p, int64_t
   return s;
 }
 
+// Steps [0, steps) through two stages: step + 1 loads into one (load(stage,
+// step)) while step multiplies out of the other (consume(stage, step)); the
+// caller has loaded step 0 into a.
+template <typename Stage, typename Load, typename Consume>
+__device__ __forceinline__ void two_stages(int steps, Stage& a, Stage& b, Load load,
+                                           Consume consume) {
+  for (int step = 0; step < steps; step += 2) {
+    if (step + 1 < steps) load(b, step + 1);
+    consume(a, step);
+    if (step + 1 >= steps) break;
+    if (step + 2 < steps) load(a, step + 2);
+    consume(b, step + 1);
+  }
+}
+
 // Launches `kernel` with `smem` bytes of dynamic shared memory, opting in
 // past the default 48 KiB.
 template <typename Kernel>

@@ -139,13 +139,7 @@ __device__ __forceinline__ void stream_mma(int dots, int begin, int end, Runs ru
     for (int i = 0; i < dots; ++i) done(i, 0.0f, 0.0f);
     return;
   }
-  for (int step = 0; step < steps; step += 2) {
-    if (step + 1 < steps) load(b, step + 1);
-    consume(a, step);
-    if (step + 1 >= steps) break;
-    if (step + 2 < steps) load(a, step + 2);
-    consume(b, step + 1);
-  }
+  two_stages(steps, a, b, load, consume);
 }
 
 // Row r (< 16) of dot product i, added over the block's warps in warp order.

@@ -80,11 +80,12 @@ __device__ void stage(T* smem, const T* a, int64_t ld, int rows, int64_t k, int6
   cp_async_commit();
 }
 
-// An int4 group scale from its raw bits (float32, bfloat16 or float16).
-__device__ __forceinline__ float scale_value(ScalarType dtype, uint32_t bits) {
-  if (dtype == ScalarType::Float) return __uint_as_float(bits);
-  if (dtype == ScalarType::BFloat16) return __uint_as_float(bits << 16);
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+// A group's factors from its stored scale bits (scale_bits_at) and zero point.
+template <typename T, bool kMx>
+__device__ __forceinline__ w4::Factors<T> factors_of(const Packed4Scales& s, uint32_t bits,
+                                                     uint32_t zero) {
+  if constexpr (kMx) return w4::mx_factors(bits);
+  else return w4::int4_factors<T>(s.scale_of_bits(bits), zero);
 }
 
 // A warp's weights of one chunk, as loaded: codes, and the raw group scale
@@ -136,11 +137,8 @@ __global__ void __launch_bounds__(kThreads, 2) w4_kernel(GroupedGemmParams p, in
         const int64_t at = s4.group_index(e, rows[r], group);
         // Raw loads only: an operation on a loaded value here would wait
         // for it, and the loads are meant to fly while chunk c multiplies.
-        if constexpr (kMx) {
-          wt.s[i][r] = static_cast<const uint8_t*>(s4.scale)[at];
-        } else {
-          if (s4.scale_dtype == ScalarType::Float) wt.s[i][r] = static_cast<const uint32_t*>(s4.scale)[at];
-          else wt.s[i][r] = static_cast<const uint16_t*>(s4.scale)[at];
+        wt.s[i][r] = s4.scale_bits_at(at);
+        if constexpr (!kMx) {
           wt.z[i][r] = 8u;
           if (s4.zero) wt.z[i][r] = s4.zero[at];
         }
@@ -156,9 +154,7 @@ __global__ void __launch_bounds__(kThreads, 2) w4_kernel(GroupedGemmParams p, in
       uint32_t A[2][2][4];  // [row g, g + 8][word][pair]
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        w4::Factors<T> f;
-        if constexpr (kMx) f = w4::mx_factors(wt.s[i][r]);
-        else f = w4::int4_factors<T>(scale_value(s4.scale_dtype, wt.s[i][r]), wt.z[i][r]);
+        const w4::Factors<T> f = factors_of<T, kMx>(s4, wt.s[i][r], wt.z[i][r]);
         w4::decode_word<T, kMx>(wt.q[i][r].x, f, A[r][0]);
         w4::decode_word<T, kMx>(wt.q[i][r].y, f, A[r][1]);
       }
@@ -279,9 +275,8 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(GroupedGemmParams 
                                                     e * p.w_expert_stride + n * p.w_row_stride +
                                                     col / 2);
     const int64_t at = s4.group_index(e, n, shift >= 0 ? col >> shift : col / s4.group);
-    w4::Factors<T> f;
-    if constexpr (kMx) f = w4::mx_factors(static_cast<const uint8_t*>(s4.scale)[at]);
-    else f = w4::int4_factors<T>(s4.scale_at(at), s4.zero ? s4.zero[at] : 8u);
+    const w4::Factors<T> f =
+        factors_of<T, kMx>(s4, s4.scale_bits_at(at), s4.zero ? s4.zero[at] : 8u);
     alignas(16) uint32_t v[2][4];
     w4::decode_word<T, kMx>(q.x, f, v[0]);
     w4::decode_word<T, kMx>(q.y, f, v[1]);
